@@ -1,0 +1,1 @@
+"""Thin Ray actor classes (rollout, GRM, learner) around the library in `cpe_ray`."""

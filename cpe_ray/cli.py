@@ -1,0 +1,101 @@
+"""The `cpe-ray` command line: one subcommand per job, and one clear line on bad input.
+
+Every subcommand validates its input first; a `CpeError` anywhere becomes
+`cpe-ray: error: <message>` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from cpe_ray.errors import CpeError
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from cpe_ray.tiny import build_tiny_model
+
+    path = build_tiny_model(Path(args.dir), overwrite=args.overwrite)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from cpe_ray.config import config_to_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(config_to_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_grm_parse(args: argparse.Namespace) -> int:
+    from cpe_ray.grm import parse_judgement, weighted_reward
+
+    if args.file != "-" and not Path(args.file).is_file():
+        raise CpeError(f"grm-parse: {args.file} is not a file; give a file or - for stdin")
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    judgement = parse_judgement(text)
+    out = asdict(judgement)
+    out.pop("raw")
+    out["reward"] = weighted_reward(judgement)
+    print(json.dumps(out, ensure_ascii=False, indent=2))
+    return 0 if judgement.parsed else 1
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from cpe_ray import data
+
+    loaders = {
+        "prompts": data.load_prompts,
+        "personafeedback": data.load_personafeedback,
+        "sft": data.load_sft,
+        "pairwise": data.load_pairwise,
+    }
+    result = loaders[args.kind](args.path, on_bad=args.on_bad)
+    for problem in result.problems:
+        print(f"skipped {problem}")
+    print(f"{args.kind}: {len(result.records)} records loaded, {result.skipped} skipped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpe-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="build the offline tiny Qwen2 model and tokenizer")
+    p.add_argument("dir", help="output directory (Hugging Face format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("config", help="validate a config and print it resolved")
+    p.add_argument("--config", default=None, help="YAML file on top of the defaults")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.kl_coef=0.01")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("grm-parse", help="parse a GRM output (file or - for stdin) to JSON")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_grm_parse)
+
+    p = sub.add_parser("data-check", help="load a data file and report bad records")
+    p.add_argument("kind", choices=("prompts", "personafeedback", "sft", "pairwise"))
+    p.add_argument("path", help="JSONL file, or the PersonaFeedback root folder")
+    p.add_argument("--on-bad", choices=("error", "skip"), default="error")
+    p.set_defaults(func=_cmd_data_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CpeError as exc:
+        print(f"cpe-ray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Typed run configuration: the dataclass schema, loading with OmegaConf, and validation.
+
+`load_config(path, overrides)` starts from the schema's defaults (which are the offline
+CPU run, mirrored in `conf/default.yaml`), merges a YAML file and `key=value` overrides,
+and validates everything before any actor starts. Every problem is one `ConfigError` line
+that names the key: unknown keys get the nearest valid name, values outside their range
+or choices say the range, and cross-field rules (batch sizes that must divide, a KL term
+without a reference model, ...) say what to change.
+
+Per-field rules live next to the field as metadata (`choices`, `ge`, `gt`, `le`), so the
+schema documents itself and `_check_fields` enforces it generically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import keyword
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cpe_ray.errors import ConfigError
+from cpe_ray.grm import DEFAULT_DIMENSIONS, DEFAULT_WEIGHTS, ON_MISSING_CHOICES
+from cpe_ray.post_edit import STRATEGIES
+
+TINY_MODEL = "tiny"  # policy.model_path value meaning "the offline tiny model, built if needed"
+RESUME_KEYWORDS = ("never", "auto")
+OVERRIDES_SOURCE = "the command line"
+
+
+def _f(default: Any, **rules: Any) -> Any:
+    """A dataclass field with validation rules as metadata (mutable defaults copied)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+@dataclass
+class RunConfig:
+    name: str = "cpe-tiny"
+    output_dir: str = "outputs"
+    seed: int = _f(42, ge=0)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # None: start a local Ray; "auto" or ray://host:port: connect
+    use_gpu: bool = False
+    placement_strategy: str = _f("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    colocate_learner_rollout: bool = False
+    cpus_per_bundle: float = _f(1.0, gt=0)
+    placement_timeout_s: float = _f(60.0, gt=0)
+
+
+@dataclass
+class PolicyConfig:
+    model_path: str = TINY_MODEL
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
+    system_template: str = "policy_system_en.txt"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("hf", choices=("hf", "vllm"))
+    num_engines: int = _f(1, ge=1)
+    tensor_parallel_size: int = _f(1, ge=1)
+    n_samples_per_prompt: int = _f(4, ge=1)
+    temperature: float = _f(1.0, ge=0)
+    top_p: float = _f(1.0, gt=0, le=1)
+    max_prompt_length: int = _f(1024, ge=1)
+    max_new_tokens: int = _f(48, ge=1)
+    gpu_memory_utilization: float = _f(0.6, gt=0, le=1)
+    enable_sleep: bool = False
+
+
+@dataclass
+class GRMApiConfig:
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name; the key itself never enters config
+    timeout_s: float = _f(60.0, gt=0)
+    max_concurrency: int = _f(16, ge=1)
+
+
+@dataclass
+class GRMConfig:
+    backend: str = _f("rubric", choices=("rubric", "hf", "vllm", "openai", "bt"))
+    model_path: str | None = None
+    template: str = "grm_en.txt"
+    dimensions: list[str] = _f(list(DEFAULT_DIMENSIONS))
+    weights: dict[str, float] = _f(dict(DEFAULT_WEIGHTS))
+    score_min: float = -5.0
+    score_max: float = 5.0
+    on_missing: str = _f("zero", choices=ON_MISSING_CHOICES)
+    critique_temperature: float = _f(0.9, ge=0)
+    score_temperature: float = _f(0.0, ge=0)
+    max_new_tokens: int = _f(512, ge=1)
+    max_retries: int = _f(5, ge=0)
+    num_engines: int = _f(1, ge=1)
+    tensor_parallel_size: int = _f(1, ge=1)
+    gpu_memory_utilization: float = _f(0.9, gt=0, le=1)
+    api: GRMApiConfig = field(default_factory=GRMApiConfig)
+
+
+@dataclass
+class PostEditConfig:
+    enabled: bool = True
+    strategy: str = _f("random", choices=STRATEGIES)
+    ratio: float = _f(0.5, ge=0, le=1)
+    template: str = "edit_en.txt"
+    temperature: float = _f(1.0, ge=0)
+    max_new_tokens: int = _f(48, ge=1)
+
+
+@dataclass
+class PPOConfig:
+    advantage_estimator: str = _f("gae", choices=("gae", "grpo", "rloo"))
+    gamma: float = _f(1.0, ge=0, le=1)
+    lam: float = _f(1.0, ge=0, le=1)
+    whiten_advantages: bool = True
+    clip_low: float = _f(0.2, ge=0, le=1)
+    clip_high: float = _f(0.2, ge=0)
+    dual_clip: float | None = _f(None, gt=1)
+    edit_loss: bool = True  # the off-policy rewrite loss of method.md 3.7; False: plain PPO
+    edit_clip_low: float = _f(0.2, ge=0, le=1)
+    edit_clip_high: float = _f(0.2, ge=0)
+    value_clip: float | None = _f(0.5, gt=0)
+    kl_coef: float = _f(0.0, ge=0)
+    kl_estimator: str = _f("k1", choices=("k1", "k2", "k3"))
+    kl_in_reward: bool = True  # True: subtract kl_coef x KL from rewards; False: add as a loss
+    entropy_coef: float = _f(0.0, ge=0)
+    loss_agg: str = _f("token_mean", choices=("token_mean", "seq_mean_token_mean",
+                                              "seq_mean_token_sum"))
+    epochs: int = _f(1, ge=1)
+    mini_batch_size: int = _f(4, ge=1)  # prompts per optimiser step (with their samples)
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = _f(1, ge=1)
+    zero_stage: int = _f(0, choices=(0, 1, 2, 3))
+    offload: bool = False
+    actor_lr: float = _f(1e-5, gt=0)
+    critic_lr: float = _f(1e-4, gt=0)
+    weight_decay: float = _f(0.0, ge=0)
+    warmup_steps: int = _f(0, ge=0)
+    max_grad_norm: float = _f(1.0, gt=0)
+    micro_batch_size: int = _f(4, ge=1)  # samples per rank per forward/backward
+    use_reference: bool = False
+    critic_model_path: str | None = None  # None: initialise the critic from the policy
+    gradient_checkpointing: bool = False
+    weight_sync_bucket_mb: float = _f(64.0, gt=0)
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/demo/train.jsonl"
+    eval_path: str | None = "data/demo/eval.jsonl"
+    on_bad_record: str = _f("error", choices=("error", "skip"))
+    shuffle: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    rollout_batch_size: int = _f(8, ge=1)  # prompts per step
+    total_epochs: int = _f(1, ge=1)
+    max_steps: int | None = _f(None, ge=1)  # None: run total_epochs over the data
+    save_every: int = _f(0, ge=0)  # 0: only at the end
+    sample_table_every: int = _f(1, ge=1)
+    resume: str = "never"  # "never", "auto" (newest whole checkpoint) or a checkpoint path
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = _f("offline", choices=("online", "offline", "disabled"))
+    project: str = "cpe-ray"
+    entity: str | None = None
+    tags: list[str] = _f([])
+    log_every: int = _f(1, ge=1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grm: GRMConfig = field(default_factory=GRMConfig)
+    post_edit: PostEditConfig = field(default_factory=PostEditConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        layers.append((str(path), _load_yaml(Path(path))))
+    if overrides:
+        layers.append((OVERRIDES_SOURCE, _parse_overrides(overrides)))
+    for source, layer in layers:
+        _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", source)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *(layer for _, layer in layers))
+        # OmegaConf unions mappings, but a file (or an override `grm.weights={...}`) that gives
+        # a whole mapping means exactly those entries; `grm.weights.x=1` still sets one entry.
+        for source, layer in layers:
+            for key in _mapping_keys(Config):
+                given = OmegaConf.select(layer, key, default=None)
+                whole = source != OVERRIDES_SOURCE or any(
+                    o.split("=", 1)[0] == key for o in overrides)
+                if given is not None and whole:
+                    OmegaConf.update(merged, key, given, merge=False)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (atomic: a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML ({problem}); fix the syntax") from None
+    if loaded is None or not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (run:, ppo:, ...)")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key or any(not p.isidentifier() for p in key.split(".")):
+            raise ConfigError(f"override '{item}' is not key=value (e.g. ppo.kl_coef=0.01)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(f"overrides {list(overrides)}: {exc}".splitlines()[0]) from None
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "config"
+    first = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    return f"{key}: {first}; give a value of the type the schema expects (see conf/default.yaml)"
+
+
+def _all_keys(schema: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(schema):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        sub = _dataclass_type(schema, f)
+        if sub is not None:
+            keys.extend(_all_keys(sub, full + "."))
+    return keys
+
+
+def _mapping_keys(schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of the schema's free-form mapping fields (replaced, not merged)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        sub = _dataclass_type(schema, f)
+        if sub is not None:
+            keys.extend(_mapping_keys(sub, f"{prefix}{f.name}."))
+        elif f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), dict):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _dataclass_type(schema: type, f: dataclasses.Field[Any]) -> type | None:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def _check_keys(data: Any, schema: type, prefix: str, source: str) -> None:
+    """Reject unknown keys with the nearest valid name; sections must be mappings."""
+    if not isinstance(data, Mapping):
+        fields = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source} is a section; "
+                          f"give it as a mapping of: {fields}")
+    by_name = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in by_name:
+            raise ConfigError(f"unknown key '{full}' in {source}; {_suggest(str(key), prefix)}")
+        sub = _dataclass_type(schema, by_name[key])
+        if sub is not None:
+            _check_keys(value, sub, full + ".", source)
+
+
+def _suggest(key: str, prefix: str) -> str:
+    every = _all_keys(Config)
+    siblings = [k[len(prefix):] for k in every
+                if k.startswith(prefix) and "." not in k[len(prefix):]]
+    near = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if near:
+        return f"did you mean '{prefix}{near[0]}'?"
+    elsewhere = [k for k in every if k.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"did you mean '{elsewhere[0]}'?"
+    return f"valid keys here: {', '.join(siblings)}"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Per-field rules from metadata, then cross-field rules; the first problem raises."""
+    _check_fields(cfg, "")
+    for problem in _cross_field_problems(cfg):
+        raise ConfigError(problem)
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        rules = f.metadata
+        if value is None or not rules:
+            continue
+        if "choices" in rules and value not in rules["choices"]:
+            choices = ", ".join(str(c) for c in rules["choices"])
+            near = difflib.get_close_matches(str(value), [str(c) for c in rules["choices"]], n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"{key} = {value!r} is not one of: {choices}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} = {value} is not a finite number")
+        low, high = rules.get("ge", rules.get("gt")), rules.get("le")
+        too_low = ("ge" in rules and value < rules["ge"]) or (
+            "gt" in rules and value <= rules["gt"])
+        too_high = "le" in rules and value > rules["le"]
+        if too_low or too_high:
+            lo = "" if low is None else ("[" if "ge" in rules else "(") + f"{low:g}"
+            hi = "inf)" if high is None else f"{high:g}]"
+            raise ConfigError(f"{key} = {value} is outside {lo}, {hi}; set it inside that range")
+
+
+def _cross_field_problems(cfg: Config) -> Iterable[str]:
+    g, r, p, pe, le, t = cfg.grm, cfg.rollout, cfg.ppo, cfg.post_edit, cfg.learner, cfg.trainer
+    if not g.dimensions:
+        yield "grm.dimensions is empty; list the GRM's score dimensions"
+    if len(set(g.dimensions)) != len(g.dimensions):
+        yield f"grm.dimensions {g.dimensions} has duplicates; list each dimension once"
+    if not g.weights:
+        yield ("grm.weights is empty; give a weight per dimension "
+               "(e.g. grm.weights.helpfulness=0.35)")
+    for dim, w in g.weights.items():
+        if dim not in g.dimensions:
+            yield f"grm.weights.{dim} names no dimension in grm.dimensions {g.dimensions}"
+        if not math.isfinite(w) or w < 0:
+            yield f"grm.weights.{dim} = {w} must be a finite number >= 0"
+    if g.weights and sum(g.weights.values()) <= 0:
+        yield "grm.weights sum to 0; give at least one positive weight"
+    if g.score_min >= g.score_max:
+        yield (f"grm.score_min ({g.score_min:g}) must be below grm.score_max ({g.score_max:g})")
+    if g.backend in ("hf", "vllm", "bt") and not g.model_path:
+        yield f"grm.backend={g.backend} needs grm.model_path (a GRM checkpoint)"
+    if g.backend == "openai" and not (g.api.base_url and g.api.model):
+        yield "grm.backend=openai needs grm.api.base_url and grm.api.model"
+    env = g.api.api_key_env
+    if not env.isidentifier() or keyword.iskeyword(env):
+        yield f"grm.api.api_key_env = {env!r} is not an environment variable name"
+    if pe.enabled and g.backend == "bt":
+        yield ("post_edit.enabled needs critiques, which grm.backend=bt (a scalar reward model) "
+               "cannot write; set post_edit.enabled=false or use a generative GRM backend")
+    if "vllm" in (r.backend, g.backend) and not cfg.cluster.use_gpu:
+        yield "the vllm backend needs GPUs; set cluster.use_gpu=true or use backend hf"
+    if p.advantage_estimator in ("grpo", "rloo") and r.n_samples_per_prompt < 2:
+        yield (f"ppo.advantage_estimator={p.advantage_estimator} compares samples of a prompt; "
+               f"set rollout.n_samples_per_prompt >= 2 (it is {r.n_samples_per_prompt})")
+    if p.kl_coef > 0 and not le.use_reference:
+        yield "ppo.kl_coef > 0 needs a reference model; set learner.use_reference=true"
+    if t.rollout_batch_size % p.mini_batch_size:
+        yield (f"trainer.rollout_batch_size ({t.rollout_batch_size}) is not a multiple of "
+               f"ppo.mini_batch_size ({p.mini_batch_size})")
+    samples = p.mini_batch_size * r.n_samples_per_prompt
+    per_step = le.num_ranks * le.micro_batch_size
+    if samples % per_step:
+        yield (f"ppo.mini_batch_size x rollout.n_samples_per_prompt ({samples}) is not a multiple "
+               f"of learner.num_ranks x learner.micro_batch_size ({per_step})")
+    if t.resume not in RESUME_KEYWORDS and not t.resume.strip():
+        yield "trainer.resume is empty; use never, auto or a checkpoint path"

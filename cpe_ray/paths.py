@@ -1,0 +1,24 @@
+"""Where the project's shipped files live (conf/, data/), whatever the working directory.
+
+cpe-ray is installed editable or shipped whole with `ray job submit --working-dir .`, so
+the repository root is the parent of this package; relative paths a user passes are tried
+against the working directory first and the repository root second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+PROMPTS_DIR = CONF_DIR / "prompts"
+DATA_DIR = REPO_ROOT / "data"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Return `path` as given if it exists (or is absolute), else relative to the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = REPO_ROOT / p
+    return candidate if candidate.exists() else p

@@ -1,0 +1,1 @@
+"""Job entrypoints for `ray job submit`, cluster YAML, runtime env and install scripts."""

@@ -1,0 +1,132 @@
+"""Config schema, loading, and every validation error's one line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cpe_ray.config import Config, config_to_yaml, load_config, save_config
+from cpe_ray.errors import ConfigError
+from cpe_ray.paths import CONF_DIR
+
+SECTIONS = {"run", "cluster", "policy", "rollout", "grm", "post_edit", "ppo", "learner", "data",
+            "trainer", "logging"}
+
+
+def test_defaults_are_the_cpu_run_and_match_default_yaml() -> None:
+    cfg = load_config()
+    assert {f.name for f in dataclasses.fields(Config)} == SECTIONS
+    assert cfg.policy.model_path == "tiny" and cfg.rollout.backend == "hf"
+    assert not cfg.cluster.use_gpu and cfg.logging.wandb_mode == "offline"
+    assert cfg.grm.weights == {"helpfulness": 0.35, "personalization": 0.40, "naturalness": 0.25}
+    assert load_config(CONF_DIR / "default.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b-cpe.yaml", "qwen2.5-14b-cpe.yaml"])
+def test_paper_settings(name: str) -> None:
+    cfg = load_config(CONF_DIR / "experiment" / name)
+    # method.md section 4: rollout batch 128, mini batch 64, n = 4, lengths 2048,
+    # actor lr 1e-6, critic lr 1e-5, 2 epochs, no KL, vLLM TP at 0.6 memory, GAE with a critic.
+    assert cfg.trainer.rollout_batch_size == 128 and cfg.ppo.mini_batch_size == 64
+    assert cfg.rollout.n_samples_per_prompt == 4
+    assert cfg.rollout.max_prompt_length == 2048 and cfg.rollout.max_new_tokens == 2048
+    assert cfg.learner.actor_lr == 1e-6 and cfg.learner.critic_lr == 1e-5
+    assert cfg.trainer.total_epochs == 2 and cfg.ppo.kl_coef == 0.0
+    assert cfg.rollout.backend == "vllm" and cfg.rollout.gpu_memory_utilization == 0.6
+    assert cfg.ppo.advantage_estimator == "gae"
+    assert cfg.grm.critique_temperature == 0.9 and cfg.grm.score_temperature == 0.0
+    assert cfg.post_edit.strategy == "random" and cfg.post_edit.ratio == 0.5
+
+
+def test_file_then_overrides_then_types(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  kl_coef: 0.05\nlearner:\n  use_reference: true\nrun:\n  name: x\n")
+    cfg = load_config(f, ["run.name=y", "rollout.temperature=0.7", "run.output_dir=${run.name}/o"])
+    assert cfg.ppo.kl_coef == 0.05 and cfg.learner.use_reference
+    assert cfg.run.name == "y" and cfg.rollout.temperature == 0.7
+    assert cfg.run.output_dir == "y/o"  # interpolation resolved
+    assert isinstance(cfg.rollout.temperature, float)
+
+
+def test_mapping_replaced_by_file_merged_by_dotted_override(tmp_path: Path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("grm:\n  weights:\n    helpfulness: 1.0\n")
+    assert load_config(f).grm.weights == {"helpfulness": 1.0}
+    cfg = load_config(overrides=["grm.weights.naturalness=0.5"])
+    assert cfg.grm.weights == {"helpfulness": 0.35, "personalization": 0.40, "naturalness": 0.5}
+    assert load_config(overrides=["grm.weights={personalization: 2}"]).grm.weights == {
+        "personalization": 2.0}
+
+
+def test_save_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["ppo.epochs=3", "grm.dimensions=[a,b]", "grm.weights={a: 1}"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert "epochs: 3" in config_to_yaml(cfg)
+
+
+ERRORS = [
+    (["ppo.kl_coeff=1"], "unknown key 'ppo.kl_coeff' in the command line; did you mean 'ppo.kl_coef'?"),
+    (["kl_coef=0.1"], "unknown key 'kl_coef' in the command line; did you mean 'ppo.kl_coef'?"),
+    (["pppo.epochs=1"], "unknown key 'pppo' in the command line; did you mean 'ppo'?"),
+    (["ppo.zzz=1"], "unknown key 'ppo.zzz' in the command line; valid keys here: advantage_estimator"),
+    (["ppo=3"], "ppo in the command line is a section; give it as a mapping of: advantage_estimator"),
+    (["noequals"], "override 'noequals' is not key=value (e.g. ppo.kl_coef=0.01)"),
+    (["ppo.epochs=abc"], "ppo.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["post_edit.ratio=1.5"], "post_edit.ratio = 1.5 is outside [0, 1]; set it inside that range"),
+    (["post_edit.ratio=-0.1"], "post_edit.ratio = -0.1 is outside [0, 1]"),
+    (["rollout.top_p=0"], "rollout.top_p = 0.0 is outside (0, 1]"),
+    (["rollout.n_samples_per_prompt=0"], "rollout.n_samples_per_prompt = 0 is outside [1, inf)"),
+    (["ppo.dual_clip=1.0"], "ppo.dual_clip = 1.0 is outside (1, inf)"),
+    (["rollout.temperature=nan"], "rollout.temperature = nan is not a finite number"),
+    (["post_edit.strategy=randon"], "post_edit.strategy = 'randon' is not one of: random, reward, "
+                                    "batch_reward, improvement; did you mean 'random'?"),
+    (["learner.zero_stage=4"], "learner.zero_stage = 4 is not one of: 0, 1, 2, 3"),
+    (["grm.weights={}"], "grm.weights is empty; give a weight per dimension"),
+    (["grm.dimensions=[]"], "grm.dimensions is empty"),
+    (["grm.dimensions=[a,a]", "grm.weights={a: 1}"], "grm.dimensions ['a', 'a'] has duplicates"),
+    (["grm.weights.style=0.1"], "grm.weights.style names no dimension in grm.dimensions"),
+    (["grm.weights.helpfulness=-1"], "grm.weights.helpfulness = -1.0 must be a finite number >= 0"),
+    (["grm.weights={helpfulness: 0}"], "grm.weights sum to 0"),
+    (["grm.score_min=5"], "grm.score_min (5) must be below grm.score_max (5)"),
+    (["grm.backend=hf"], "grm.backend=hf needs grm.model_path"),
+    (["grm.backend=openai"], "grm.backend=openai needs grm.api.base_url and grm.api.model"),
+    (["grm.api.api_key_env=MY-KEY"], "grm.api.api_key_env = 'MY-KEY' is not an environment variable"),
+    (["grm.backend=bt", "grm.model_path=/m"], "post_edit.enabled needs critiques, which grm.backend=bt"),
+    (["rollout.backend=vllm"], "the vllm backend needs GPUs; set cluster.use_gpu=true"),
+    (["ppo.advantage_estimator=grpo", "rollout.n_samples_per_prompt=1",
+      "learner.micro_batch_size=1"], "ppo.advantage_estimator=grpo compares samples of a prompt"),
+    (["ppo.kl_coef=0.1"], "ppo.kl_coef > 0 needs a reference model; set learner.use_reference=true"),
+    (["trainer.rollout_batch_size=6"], "trainer.rollout_batch_size (6) is not a multiple of "
+                                       "ppo.mini_batch_size (4)"),
+    (["learner.micro_batch_size=3"], "ppo.mini_batch_size x rollout.n_samples_per_prompt (16) is "
+                                     "not a multiple of learner.num_ranks x learner.micro_batch_size (3)"),
+    (["trainer.resume=' '"], "trainer.resume is empty"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), ERRORS)
+def test_each_error_is_one_clear_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(message), text
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*missing.yaml not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  epochs: 1\n  clip_low: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    bad.write_text("ppo:\n  kl_coeff: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'ppo.kl_coeff' in .*bad.yaml; did you mean"):
+        load_config(bad)
