@@ -1,0 +1,477 @@
+"""Tests for cpe_ray.data: loaders on the shipped demo data, every error path, chat templates."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cpe_ray.data import (
+    LoadResult,
+    Message,
+    PairwiseExample,
+    PersonaFeedbackCase,
+    PromptRecord,
+    SFTExample,
+    apply_chat_template,
+    build_policy_messages,
+    load_pairwise,
+    load_personafeedback,
+    load_policy_system_template,
+    load_prompts,
+    load_sft,
+    render_chat_template,
+    render_persona,
+)
+from cpe_ray.errors import CpeError, DataError
+from cpe_ray.paths import DATA_DIR
+from cpe_ray.prompts import PromptTemplate
+
+DEMO = DATA_DIR / "demo"
+PF_ROOT = DEMO / "personafeedback"
+
+AMARA = {
+    "Name": "Amara Okafor",
+    "Demographics": {
+        "Age": 34,
+        "Gender": "Female",
+        "Nationality": "Nigerian",
+        "Location": "Lagos, Nigeria",
+        "Occupation": "Pediatric nurse on rotating night shifts",
+        "Education": "BSc Nursing",
+    },
+    "Personality": {
+        "Traits": ["caring", "practical", "often tired"],
+        "Hobbies": ["singing in a gospel choir", "cooking for friends"],
+    },
+    "Preference": [
+        "short step-by-step answers",
+        "budget-friendly options",
+        "ingredients she can find at a Lagos market",
+    ],
+    "Bias": "Skeptical of supplements and miracle products",
+}
+AMARA_TEXT = (
+    "Name: Amara Okafor\n"
+    "Demographics:\n"
+    "  Age: 34\n"
+    "  Gender: Female\n"
+    "  Nationality: Nigerian\n"
+    "  Location: Lagos, Nigeria\n"
+    "  Occupation: Pediatric nurse on rotating night shifts\n"
+    "  Education: BSc Nursing\n"
+    "Personality:\n"
+    "  Traits: caring, practical, often tired\n"
+    "  Hobbies: singing in a gospel choir, cooking for friends\n"
+    "Preference: short step-by-step answers, budget-friendly options, "
+    "ingredients she can find at a Lagos market\n"
+    "Bias: Skeptical of supplements and miracle products"
+)
+SYSTEM_INTRO = (
+    "You are a helpful assistant. Answer the user's question in a way that fits who they are, "
+    "as described in their profile below. Use the profile to choose content, depth, examples "
+    "and tone; do not announce that you are personalizing, and do not call the user by name.\n"
+    "\nUser profile:\n"
+)
+CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    """Rows are dicts (dumped as JSON) or raw strings (written verbatim, e.g. broken JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_pf(root: Path, personas: int = 3, cases: dict[str, list[object]] | None = None) -> Path:
+    write_jsonl(root / "persona" / "all_personas.jsonl",
+                [{"Name": f"P{i}", "Bias": "none"} for i in range(1, personas + 1)])
+    for rel, rows in (cases or {}).items():
+        write_jsonl(root / "data" / rel, rows)
+    return root
+
+
+def case(uid: object = 1, **kw: object) -> dict[str, object]:
+    return {"user_id": uid, "question": "Q?", "chosen": "good", "reject": "bad", **kw}
+
+
+# --- demo data ------------------------------------------------------------------------------
+
+def test_demo_prompts_counts_and_ids() -> None:
+    train, evals = load_prompts(DEMO / "train.jsonl"), load_prompts(DEMO / "eval.jsonl")
+    assert isinstance(train, LoadResult) and isinstance(train.records[0], PromptRecord)
+    assert (len(train.records), train.skipped, train.problems) == (128, 0, [])
+    assert len(evals.records) == 32
+    ids = [r.id for r in train.records + evals.records]
+    assert len(set(ids)) == 160 and ids[0] == "train-001"
+    assert Counter(r.persona for r in train.records).most_common()[-1][1] == 4
+    assert not {r.question for r in train.records} & {r.question for r in evals.records}
+    assert train.records[0].persona == AMARA_TEXT
+
+
+def test_demo_personas_render_and_match_prompt_files() -> None:
+    personas = [json.loads(line) for line in (DEMO / "personas.jsonl").read_text().splitlines()]
+    assert len(personas) == 32 and personas[0] == AMARA
+    assert all(set(p) == {"Name", "Demographics", "Personality", "Preference", "Bias"}
+               for p in personas)
+    assert render_persona(personas[0]) == AMARA_TEXT
+    rendered = {render_persona(p) for p in personas}
+    assert {r.persona for r in load_prompts(DEMO / "train.jsonl").records} == rendered
+    pf_personas = (PF_ROOT / "persona" / "all_personas.jsonl").read_text()
+    assert pf_personas == (DEMO / "personas.jsonl").read_text()
+
+
+def test_demo_personafeedback() -> None:
+    res = load_personafeedback(PF_ROOT)
+    assert len(res.records) == 36 and res.skipped == 0
+    assert isinstance(res.records[0], PersonaFeedbackCase)
+    counts = Counter((c.kind, c.tier) for c in res.records)
+    assert counts == {(k, t): 6 for k in ("specific", "general") for t in ("easy", "medium", "hard")}
+    first = res.records[0]
+    assert (first.kind, first.tier, first.user_id) == ("specific", "easy", 1)
+    assert first.persona == AMARA_TEXT
+    assert first.source.endswith("spedific/easy.jsonl:1")
+    assert all(c.chosen != c.reject for c in res.records)
+    hard = load_personafeedback(PF_ROOT, tiers=("hard",), kinds=("general",))
+    assert len(hard.records) == 6 and {c.tier for c in hard.records} == {"hard"}
+
+
+def test_demo_sft_and_pairwise() -> None:
+    sft = load_sft(DEMO / "sft.jsonl")
+    assert len(sft.records) == 32 and isinstance(sft.records[0], SFTExample)
+    first = sft.records[0]
+    assert first.messages[0] == Message("system", SYSTEM_INTRO + AMARA_TEXT)
+    assert [m.role for m in first.messages] == ["system", "user", "assistant"]
+    assert sum(len(r.messages) == 5 for r in sft.records) == 3
+    assert first.as_dicts()[1] == {"role": "user", "content": first.messages[1].content}
+    pairs = load_pairwise(DEMO / "pairwise.jsonl")
+    assert len(pairs.records) == 32 and isinstance(pairs.records[0], PairwiseExample)
+    assert pairs.records[0].persona == AMARA_TEXT
+    assert pairs.records[0].chosen == first.messages[2].content
+
+
+def test_demo_answer_lengths() -> None:
+    texts = [m.content for r in load_sft(DEMO / "sft.jsonl").records for m in r.messages
+             if m.role == "assistant"]
+    texts += [p.rejected for p in load_pairwise(DEMO / "pairwise.jsonl").records]
+    texts += [t for c in load_personafeedback(PF_ROOT).records for t in (c.chosen, c.reject)]
+    assert all(40 <= len(t.split()) <= 150 for t in texts)
+
+
+# --- persona rendering ----------------------------------------------------------------------
+
+def test_render_persona_rules() -> None:
+    assert render_persona("  likes tea \n") == "likes tea"
+    persona = {
+        "Name": "Zoë",
+        "Empty": "",
+        "None": None,
+        "NoList": [],
+        "Info": {"Age": 0, "Langs": ["fr", "", "de"], "Deep": {"Pet": "cat"}, "Gone": {}},
+        "Married": False,
+        "Mixed": [{"a": 1, "b": ""}, ["x", "y"]],
+        "Notes": "two\n  lines",
+    }
+    assert render_persona(persona) == (
+        "Name: Zoë\nInfo:\n  Age: 0\n  Langs: fr, de\n  Deep:\n    Pet: cat\n"
+        "Married: no\nMixed: a: 1, x, y\nNotes: two lines"
+    )
+    assert render_persona({}) == ""
+    with pytest.raises(DataError, match="string or an object"):
+        render_persona(["not", "a", "persona"])  # type: ignore[arg-type]
+
+
+# --- errors: every message names the file and line ------------------------------------------
+
+GOOD = {"id": "a", "persona": "p", "question": "q?"}
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        ('{"persona": "p", "question": ', "invalid JSON"),
+        ('["a list"]', "expected a JSON object, got array"),
+        ({"id": "b", "persona": "p"}, "missing required field 'question'"),
+        ({"id": "b", "persona": "p", "question": "  "}, "field 'question' is empty"),
+        ({"id": "b", "persona": "p", "question": 3}, "field 'question' must be a string, got number"),
+        ({"id": "b", "persona": 7, "question": "q"}, "field 'persona' must be a string or an object"),
+        ({"id": "b", "persona": {}, "question": "q"}, "field 'persona' is empty"),
+        ({"id": True, "persona": "p", "question": "q"}, "field 'id' must be a string or an integer"),
+        ({"id": "a", "persona": "p", "question": "q"}, "duplicate id 'a' (first on line 1)"),
+    ],
+)
+def test_prompt_errors_name_file_and_line(tmp_path: Path, bad_line: object, expected: str) -> None:
+    path = write_jsonl(tmp_path / "prompts.jsonl", [GOOD, "", bad_line])
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    msg = str(err.value)
+    assert f"prompts.jsonl:3: {expected}" in msg and ";" in msg and "\n" not in msg
+
+
+def test_prompt_ids_default_and_int(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "set.jsonl", [{"persona": "p", "question": "q"},
+                                               {"id": 7, "persona": "p", "question": "q"}])
+    assert [r.id for r in load_prompts(path).records] == ["set-1", "7"]
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "dup-2", "persona": "p", "question": "q"},
+                                              {"persona": "p", "question": "q"}])
+    with pytest.raises(DataError, match=r"dup.jsonl:2: duplicate id 'dup-2'"):
+        load_prompts(dup)
+
+
+def test_relative_paths_resolve_from_any_cwd(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert len(load_prompts("data/demo/eval.jsonl").records) == 32
+    assert len(load_personafeedback("data/demo/personafeedback").records) == 36
+
+
+def test_missing_empty_and_blank_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"prompts file not found: .*nope\.jsonl"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl is empty"):
+        load_sft(tmp_path / "empty.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\t\n")
+    with pytest.raises(DataError, match=r"blank\.jsonl is empty"):
+        load_pairwise(tmp_path / "blank.jsonl")
+
+
+def test_blank_lines_and_bom_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    row = json.dumps({"persona": "p", "question": "q"})
+    path.write_bytes(("\ufeff" + row + "\n\n   \n" + row + "\n\n").encode())
+    res = load_prompts(path)
+    assert [r.id for r in res.records] == ["p-1", "p-4"] and res.skipped == 0
+
+
+def test_skip_policy_reports_problems(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        GOOD, "{oops", {"id": "a", "persona": "p", "question": "q"}, "",
+        {"id": "c", "persona": "p", "question": "q"}, {"persona": "p"},
+    ])
+    res = load_prompts(path, on_bad="skip")
+    assert [r.id for r in res.records] == ["a", "c"]
+    assert res.skipped == 3
+    assert res.problems == [
+        f"{path}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{path}:3: duplicate id 'a' (first on line 1)",
+        f"{path}:6: missing required field 'question'",
+    ]
+
+
+def test_skip_with_nothing_left_is_an_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", ["nope", "[]"])
+    pattern = r"no valid prompts in .*p\.jsonl loaded \(2 bad line\(s\) skipped; first problem: "
+    with pytest.raises(DataError, match=pattern + r".*p\.jsonl:1: "):
+        load_prompts(path, on_bad="skip")
+    with pytest.raises(DataError, match="on_bad"):
+        load_prompts(path, on_bad="ignore")  # type: ignore[arg-type]
+
+
+def test_invalid_utf8_is_a_bad_record(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"persona": "p", "question": "q"}\n{"persona": "\xff"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid UTF-8"):
+        load_prompts(path)
+    assert load_prompts(path, on_bad="skip").skipped == 1
+
+
+# --- PersonaFeedback --------------------------------------------------------------------------
+
+def test_pf_user_id_out_of_range_names_both_files(tmp_path: Path) -> None:
+    root = make_pf(tmp_path / "pf", cases={"general/easy.jsonl": [case(1), case(4)]})
+    with pytest.raises(DataError) as err:
+        load_personafeedback(root)
+    msg = str(err.value)
+    assert "general/easy.jsonl:2: user_id 4 has no persona" in msg
+    assert "all_personas.jsonl has 3 persona(s) on lines 1-3" in msg
+
+
+@pytest.mark.parametrize(
+    ("uid", "expected"),
+    [("seven", "an integer, got 'seven'"), (2.0, "an integer, got 2.0"), (True, "an integer, got True"),
+     (None, "an integer, got None"), (0, ">= 1, got 0")],
+)
+def test_pf_bad_user_id(tmp_path: Path, uid: object, expected: str) -> None:
+    root = make_pf(tmp_path / "pf", cases={"spedific/hard.jsonl": [case(1), case(uid)]})
+    with pytest.raises(DataError, match="spedific/hard.jsonl:2: field 'user_id' must be " + expected):
+        load_personafeedback(root)
+
+
+def test_pf_numeric_string_ids_and_missing_tiers(tmp_path: Path) -> None:
+    root = make_pf(tmp_path / "pf", cases={"general/medium.jsonl": [case("2"), case(" 3 ")]})
+    res = load_personafeedback(root)
+    assert [(c.user_id, c.persona, c.kind, c.tier) for c in res.records] == [
+        (2, "Name: P2\nBias: none", "general", "medium"),
+        (3, "Name: P3\nBias: none", "general", "medium"),
+    ]
+    assert res.records[0].source == f"{root / 'data/general/medium.jsonl'}:1"
+
+
+def test_pf_case_field_errors(tmp_path: Path) -> None:
+    root = make_pf(tmp_path / "pf", cases={"general/easy.jsonl": [
+        case(1), {"user_id": 1, "question": "q", "chosen": "c"}]})
+    with pytest.raises(DataError, match="general/easy.jsonl:2: missing required field 'reject'"):
+        load_personafeedback(root)
+
+
+def test_pf_no_case_files_lists_paths(tmp_path: Path) -> None:
+    root = make_pf(tmp_path / "pf")
+    with pytest.raises(DataError) as err:
+        load_personafeedback(root)
+    msg = str(err.value)
+    assert "no PersonaFeedback case files" in msg
+    for rel in ("data/spedific/easy.jsonl", "data/specific/hard.jsonl", "data/general/medium.jsonl"):
+        assert str(root / rel) in msg
+    with pytest.raises(DataError, match="root not found"):
+        load_personafeedback(tmp_path / "missing")
+
+
+def test_pf_missing_persona_file(tmp_path: Path) -> None:
+    root = tmp_path / "pf"
+    write_jsonl(root / "data" / "general" / "easy.jsonl", [case(1)])
+    with pytest.raises(DataError, match=r"persona file not found: .*all_personas\.jsonl"):
+        load_personafeedback(root)
+
+
+def test_pf_correct_spelling_and_ambiguity(tmp_path: Path) -> None:
+    root = make_pf(tmp_path / "pf", cases={"specific/easy.jsonl": [case(1)]})
+    assert [c.kind for c in load_personafeedback(root).records] == ["specific"]
+    write_jsonl(root / "data" / "spedific" / "easy.jsonl", [case(2)])
+    with pytest.raises(DataError, match="keep only one"):
+        load_personafeedback(root)
+    with pytest.raises(DataError, match="tiers must be"):
+        load_personafeedback(root, tiers=("expert",))
+
+
+def test_pf_bad_persona_line(tmp_path: Path) -> None:
+    root = make_pf(tmp_path / "pf", cases={"general/easy.jsonl": [case(1), case(2), case(3)]})
+    write_jsonl(root / "persona" / "all_personas.jsonl", [{"Name": "A"}, "[1]", {"Name": "C"}])
+    with pytest.raises(DataError, match=r"all_personas\.jsonl:2: expected a JSON object"):
+        load_personafeedback(root)
+    res = load_personafeedback(root, on_bad="skip")
+    assert [c.user_id for c in res.records] == [1, 3]
+    assert res.skipped == 2 and len(res.problems) == 2
+    assert "general/easy.jsonl:2: user_id 2 refers to the bad line " in res.problems[1]
+
+
+# --- SFT and pairwise -------------------------------------------------------------------------
+
+def _conv(*roles: str) -> list[dict[str, str]]:
+    return [{"role": r, "content": f"{r} text"} for r in roles]
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"messages": _conv("user", "bot")}, "messages[1] has role 'bot'"),
+        ({"messages": _conv("user")}, "no assistant message"),
+        ({"messages": []}, "field 'messages' must be a non-empty array"),
+        ({"messages": ["hi"]}, "messages[0] must be an object"),
+        ({"messages": _conv("user", "system", "assistant")}, "messages[1] is a system message after the first"),
+        ({"messages": [{"role": "user"}]}, "messages[0]: missing required field 'content'"),
+        ({"persona": "p", "messages": _conv("system", "user", "assistant")},
+         "has both 'persona' and a system message"),
+    ],
+)
+def test_sft_errors(tmp_path: Path, record: dict[str, object], expected: str) -> None:
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": _conv("user", "assistant")}, record])
+    with pytest.raises(DataError, match=r"sft\.jsonl:2: " + expected.replace("[", r"\[")):
+        load_sft(path)
+
+
+def test_sft_persona_with_custom_template(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"persona": {"Name": "Ann", "Job": ""}, "messages": _conv("user", "assistant")},
+        {"messages": _conv("system", "user", "assistant", "user", "assistant")},
+    ])
+    tpl = PromptTemplate(text="Profile: {persona}\n", source="test")
+    res = load_sft(path, system_template=tpl)
+    assert res.records[0].messages[0] == Message("system", "Profile: Name: Ann")
+    assert len(res.records[1].messages) == 5
+
+
+def test_pairwise(tmp_path: Path) -> None:
+    base = {"persona": "p", "question": "q", "chosen": "A"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {**base, "rejected": "B"}, {**base, "reject": "C"}, {**base, "rejected": " A "},
+        {**base, "rejected": "B", "reject": "C"}, base,
+    ])
+    with pytest.raises(DataError, match=r"pairs\.jsonl:3: 'chosen' and 'rejected' are the same"):
+        load_pairwise(path)
+    res = load_pairwise(path, on_bad="skip")
+    assert [p.rejected for p in res.records] == ["B", "C"]
+    assert [p.split(": ", 1)[1] for p in res.problems] == [
+        "'chosen' and 'rejected' are the same answer",
+        "has both 'rejected' and 'reject'",
+        "missing required field 'rejected'",
+    ]
+
+
+def test_errors_are_cpe_errors_on_one_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", ['{"a":\n'])
+    with pytest.raises(CpeError) as err:
+        load_pairwise(path)
+    assert "\n" not in str(err.value) and "x.jsonl:1" in str(err.value)
+
+
+# --- chat template ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator([SYSTEM_INTRO, AMARA_TEXT, "What should I cook?"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_build_policy_messages_and_chat_template(tokenizer) -> None:
+    tpl = load_policy_system_template()
+    assert tpl.placeholders == {"persona"}
+    question = "What should I cook on Sunday?"
+    messages = build_policy_messages(AMARA_TEXT, question, tpl)
+    assert messages == [{"role": "system", "content": SYSTEM_INTRO + AMARA_TEXT},
+                        {"role": "user", "content": question}]
+    assert build_policy_messages(AMARA, question) == messages
+    expected = (f"<|im_start|>system\n{SYSTEM_INTRO}{AMARA_TEXT}<|im_end|>\n"
+                f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    assert render_chat_template(tokenizer, messages) == expected
+    ids = apply_chat_template(tokenizer, messages)
+    assert all(isinstance(i, int) for i in ids)
+    assert tokenizer.decode(ids) == expected
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+    no_gen = apply_chat_template(tokenizer, messages, add_generation_prompt=False)
+    assert tokenizer.decode(no_gen) == expected.removesuffix("<|im_start|>assistant\n")
+    sft = load_sft(DEMO / "sft.jsonl").records[0]
+    assert render_chat_template(tokenizer, sft.messages, add_generation_prompt=False).startswith(
+        expected.split("<|im_start|>user")[0])
+
+
+def test_no_chat_template_is_a_clear_error(tokenizer) -> None:
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="has no chat template"):
+        apply_chat_template(bare, [{"role": "user", "content": "hi"}])
+    broken = copy.deepcopy(tokenizer)
+    broken.chat_template = "{{ raise_exception('system role not supported') }}"
+    with pytest.raises(DataError, match="chat template failed.*system role not supported"):
+        render_chat_template(broken, [{"role": "user", "content": "hi"}])
