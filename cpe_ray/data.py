@@ -1,9 +1,8 @@
-"""Load the project's datasets into typed records and build policy prompts with a chat template.
+"""Load the project's datasets into typed records.
 
 One job: turn JSONL files (persona prompt sets, PersonaFeedback as published, SFT
 conversations, pairwise preferences) into frozen dataclasses, reporting every bad line as
-`file:line: what is wrong`, and turn (persona, question) into token ids through the
-tokenizer's own chat template.
+`file:line: what is wrong`. Personas are rendered and prompts built by `cpe_ray.chat`.
 
 Conventions shared by every loader:
 - `on_bad="error"` raises `DataError("file:line: what is wrong; how to fix")` at the first
@@ -21,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+from cpe_ray.chat import Message, load_policy_system_template, render_persona, system_prompt
 from cpe_ray.errors import DataError
 from cpe_ray.paths import resolve_path
-from cpe_ray.prompts import PromptTemplate, load_template
+from cpe_ray.prompts import PromptTemplate
 
 BadRecordPolicy = Literal["error", "skip"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -34,7 +34,6 @@ PF_KIND_DIRS: Mapping[str, tuple[str, ...]] = {
     "specific": ("spedific", "specific"),
     "general": ("general",),
 }
-POLICY_SYSTEM_TEMPLATE = "policy_system_en.txt"
 
 T = TypeVar("T")
 
@@ -69,12 +68,6 @@ class PersonaFeedbackCase:
     tier: str
     kind: str
     source: str
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)
@@ -214,41 +207,6 @@ def _persona_field(obj: Mapping[str, Any]) -> str:
     return text
 
 
-def _inline(value: Any) -> str:
-    """A value on one line: lists joined with ', ', objects as 'k: v; k: v', '' if empty."""
-    if isinstance(value, Mapping):
-        return "; ".join(f"{k}: {s}" for k, v in value.items() if (s := _inline(v)))
-    if isinstance(value, (list, tuple)):
-        return ", ".join(s for v in value if (s := _inline(v)))
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return "" if value is None else " ".join(str(value).split())
-
-
-def _render_block(obj: Mapping[str, Any], indent: str) -> list[str]:
-    lines: list[str] = []
-    for key, value in obj.items():
-        if isinstance(value, Mapping):
-            if inner := _render_block(value, indent + "  "):
-                lines += [f"{indent}{key}:", *inner]
-        elif text := _inline(value):
-            lines.append(f"{indent}{key}: {text}")
-    return lines
-
-
-def render_persona(persona: str | Mapping[str, Any]) -> str:
-    """Persona text for prompts: a string is stripped; an object becomes 'Key: value' lines.
-
-    Fields keep the object's order; lists are joined with ', '; nested objects are indented
-    by two spaces under a 'Key:' line; empty values (null, "", [], {}) are skipped.
-    """
-    if isinstance(persona, str):
-        return persona.strip()
-    if isinstance(persona, Mapping):
-        return "\n".join(_render_block(persona, ""))
-    raise DataError(f"a persona must be a string or an object, got {_type_name(persona)}")
-
-
 def _record_id(obj: Mapping[str, Any], default: str) -> str:
     value = obj.get("id")
     if value is None:
@@ -376,16 +334,6 @@ def load_personafeedback(
     return col.result(records, f"PersonaFeedback cases under {base}")
 
 
-def load_policy_system_template(name: str = POLICY_SYSTEM_TEMPLATE) -> PromptTemplate:
-    """The policy's system prompt template; it must use {persona} and nothing else."""
-    return load_template(name, allowed={"persona"}, required={"persona"})
-
-
-def _system_prompt(template: PromptTemplate, persona: str) -> str:
-    # The template file's trailing newline is not part of the prompt.
-    return template.render(persona=persona).rstrip()
-
-
 def _messages(obj: Mapping[str, Any]) -> list[Message]:
     raw = obj.get("messages")
     if not isinstance(raw, list) or not raw:
@@ -431,7 +379,7 @@ def load_sft(
             if messages[0].role == "system":
                 raise _Bad("has both 'persona' and a system message", "drop one of them")
             template[0] = template[0] or load_policy_system_template()
-            messages.insert(0, Message("system", _system_prompt(template[0], persona)))
+            messages.insert(0, Message("system", system_prompt(template[0], persona)))
         return SFTExample(messages=tuple(messages))
 
     return _load(p, "SFT conversations", on_bad, parse)
@@ -453,45 +401,3 @@ def load_pairwise(path: str | Path, on_bad: BadRecordPolicy = "error"
         return PairwiseExample(persona, question, chosen, rejected)
 
     return _load(_existing_file(path, "pairwise"), "pairwise examples", on_bad, parse)
-
-
-def build_policy_messages(
-    persona: str | Mapping[str, Any],
-    question: str,
-    system_template: PromptTemplate | None = None,
-) -> list[dict[str, str]]:
-    """[system (template with the rendered persona), user (question)] for the policy."""
-    template = system_template or load_policy_system_template()
-    return [
-        {"role": "system", "content": _system_prompt(template, render_persona(persona))},
-        {"role": "user", "content": question},
-    ]
-
-
-def render_chat_template(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, str] | Message],
-    add_generation_prompt: bool = True,
-) -> str:
-    """The prompt text the tokenizer's chat template makes of `messages`."""
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError(f"tokenizer '{name}' has no chat template; use a chat/instruct model's "
-                        "tokenizer or set tokenizer.chat_template (e.g. a ChatML template)")
-    dicts = [{"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m)
-             for m in messages]
-    try:
-        return str(tokenizer.apply_chat_template(
-            dicts, tokenize=False, add_generation_prompt=add_generation_prompt))
-    except Exception as e:  # template errors, e.g. "system role not supported"
-        raise DataError(f"the tokenizer's chat template failed on these messages: {e}") from e
-
-
-def apply_chat_template(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, str] | Message],
-    add_generation_prompt: bool = True,
-) -> list[int]:
-    """Token ids of the chat-templated prompt (the template adds any special tokens itself)."""
-    text = render_chat_template(tokenizer, messages, add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,4 +1,4 @@
-"""Tests for cpe_ray.data: loaders on the shipped demo data, every error path, chat templates."""
+"""Tests for cpe_ray.data: loaders on the shipped demo data and every error path."""
 
 from __future__ import annotations
 
@@ -8,22 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from cpe_ray.chat import Message, render_persona
 from cpe_ray.data import (
     LoadResult,
-    Message,
     PairwiseExample,
     PersonaFeedbackCase,
     PromptRecord,
     SFTExample,
-    apply_chat_template,
-    build_policy_messages,
     load_pairwise,
     load_personafeedback,
-    load_policy_system_template,
     load_prompts,
     load_sft,
-    render_chat_template,
-    render_persona,
 )
 from cpe_ray.errors import CpeError, DataError
 from cpe_ray.paths import DATA_DIR
@@ -74,12 +69,6 @@ SYSTEM_INTRO = (
     "as described in their profile below. Use the profile to choose content, depth, examples "
     "and tone; do not announce that you are personalizing, and do not call the user by name.\n"
     "\nUser profile:\n"
-)
-CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
@@ -164,29 +153,6 @@ def test_demo_answer_lengths() -> None:
     texts += [p.rejected for p in load_pairwise(DEMO / "pairwise.jsonl").records]
     texts += [t for c in load_personafeedback(PF_ROOT).records for t in (c.chosen, c.reject)]
     assert all(40 <= len(t.split()) <= 150 for t in texts)
-
-
-# --- persona rendering ----------------------------------------------------------------------
-
-def test_render_persona_rules() -> None:
-    assert render_persona("  likes tea \n") == "likes tea"
-    persona = {
-        "Name": "Zoë",
-        "Empty": "",
-        "None": None,
-        "NoList": [],
-        "Info": {"Age": 0, "Langs": ["fr", "", "de"], "Deep": {"Pet": "cat"}, "Gone": {}},
-        "Married": False,
-        "Mixed": [{"a": 1, "b": ""}, ["x", "y"]],
-        "Notes": "two\n  lines",
-    }
-    assert render_persona(persona) == (
-        "Name: Zoë\nInfo:\n  Age: 0\n  Langs: fr, de\n  Deep:\n    Pet: cat\n"
-        "Married: no\nMixed: a: 1, x, y\nNotes: two lines"
-    )
-    assert render_persona({}) == ""
-    with pytest.raises(DataError, match="string or an object"):
-        render_persona(["not", "a", "persona"])  # type: ignore[arg-type]
 
 
 # --- errors: every message names the file and line ------------------------------------------
@@ -420,58 +386,3 @@ def test_errors_are_cpe_errors_on_one_line(tmp_path: Path) -> None:
     with pytest.raises(CpeError) as err:
         load_pairwise(path)
     assert "\n" not in str(err.value) and "x.jsonl:1" in str(err.value)
-
-
-# --- chat template ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator([SYSTEM_INTRO, AMARA_TEXT, "What should I cook?"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    return tok
-
-
-def test_build_policy_messages_and_chat_template(tokenizer) -> None:
-    tpl = load_policy_system_template()
-    assert tpl.placeholders == {"persona"}
-    question = "What should I cook on Sunday?"
-    messages = build_policy_messages(AMARA_TEXT, question, tpl)
-    assert messages == [{"role": "system", "content": SYSTEM_INTRO + AMARA_TEXT},
-                        {"role": "user", "content": question}]
-    assert build_policy_messages(AMARA, question) == messages
-    expected = (f"<|im_start|>system\n{SYSTEM_INTRO}{AMARA_TEXT}<|im_end|>\n"
-                f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
-    assert render_chat_template(tokenizer, messages) == expected
-    ids = apply_chat_template(tokenizer, messages)
-    assert all(isinstance(i, int) for i in ids)
-    assert tokenizer.decode(ids) == expected
-    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
-    no_gen = apply_chat_template(tokenizer, messages, add_generation_prompt=False)
-    assert tokenizer.decode(no_gen) == expected.removesuffix("<|im_start|>assistant\n")
-    sft = load_sft(DEMO / "sft.jsonl").records[0]
-    assert render_chat_template(tokenizer, sft.messages, add_generation_prompt=False).startswith(
-        expected.split("<|im_start|>user")[0])
-
-
-def test_no_chat_template_is_a_clear_error(tokenizer) -> None:
-    import copy
-
-    bare = copy.deepcopy(tokenizer)
-    bare.chat_template = None
-    with pytest.raises(DataError, match="has no chat template"):
-        apply_chat_template(bare, [{"role": "user", "content": "hi"}])
-    broken = copy.deepcopy(tokenizer)
-    broken.chat_template = "{{ raise_exception('system role not supported') }}"
-    with pytest.raises(DataError, match="chat template failed.*system role not supported"):
-        render_chat_template(broken, [{"role": "user", "content": "hi"}])

@@ -1,0 +1,110 @@
+"""Policy prompts: persona rendering, the system template, and the tokenizer's chat template.
+
+One job: turn (persona, question) into the messages and token ids the policy sees. The
+same functions build the training prompts, the SFT system turns and the evaluation prompts,
+so the policy always sees one prompt format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cpe_ray.errors import DataError
+from cpe_ray.prompts import PromptTemplate, load_template
+
+POLICY_SYSTEM_TEMPLATE = "policy_system_en.txt"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+def _inline(value: Any) -> str:
+    """A value on one line: lists joined with ', ', objects as 'k: v; k: v', '' if empty."""
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {s}" for k, v in value.items() if (s := _inline(v)))
+    if isinstance(value, (list, tuple)):
+        return ", ".join(s for v in value if (s := _inline(v)))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "" if value is None else " ".join(str(value).split())
+
+
+def _render_block(obj: Mapping[str, Any], indent: str) -> list[str]:
+    lines: list[str] = []
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            if inner := _render_block(value, indent + "  "):
+                lines += [f"{indent}{key}:", *inner]
+        elif text := _inline(value):
+            lines.append(f"{indent}{key}: {text}")
+    return lines
+
+
+def render_persona(persona: str | Mapping[str, Any]) -> str:
+    """Persona text for prompts: a string is stripped; an object becomes 'Key: value' lines.
+
+    Fields keep the object's order; lists are joined with ', '; nested objects are indented
+    by two spaces under a 'Key:' line; empty values (null, "", [], {}) are skipped.
+    """
+    if isinstance(persona, str):
+        return persona.strip()
+    if isinstance(persona, Mapping):
+        return "\n".join(_render_block(persona, ""))
+    raise DataError(f"a persona must be a string or an object, got {type(persona).__name__}")
+
+
+def load_policy_system_template(name: str = POLICY_SYSTEM_TEMPLATE) -> PromptTemplate:
+    """The policy's system prompt template; it must use {persona} and nothing else."""
+    return load_template(name, allowed={"persona"}, required={"persona"})
+
+
+def system_prompt(template: PromptTemplate, persona: str) -> str:
+    # The template file's trailing newline is not part of the prompt.
+    return template.render(persona=persona).rstrip()
+
+
+def build_policy_messages(
+    persona: str | Mapping[str, Any],
+    question: str,
+    system_template: PromptTemplate | None = None,
+) -> list[dict[str, str]]:
+    """[system (template with the rendered persona), user (question)] for the policy."""
+    template = system_template or load_policy_system_template()
+    return [
+        {"role": "system", "content": system_prompt(template, render_persona(persona))},
+        {"role": "user", "content": question},
+    ]
+
+
+def render_chat_template(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str] | Message],
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text the tokenizer's chat template makes of `messages`."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"tokenizer '{name}' has no chat template; use a chat/instruct model's "
+                        "tokenizer or set tokenizer.chat_template (e.g. a ChatML template)")
+    dicts = [{"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m)
+             for m in messages]
+    try:
+        return str(tokenizer.apply_chat_template(
+            dicts, tokenize=False, add_generation_prompt=add_generation_prompt))
+    except Exception as e:  # template errors, e.g. "system role not supported"
+        raise DataError(f"the tokenizer's chat template failed on these messages: {e}") from e
+
+
+def apply_chat_template(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str] | Message],
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of the chat-templated prompt (the template adds any special tokens itself)."""
+    text = render_chat_template(tokenizer, messages, add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
