@@ -399,9 +399,11 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p * z)."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {tuple(logits.shape)}")
-    # One batch row at a time in float32: a full [B, T, V] softmax copy is the memory peak.
-    rows = [_at_least_f32(row) for row in logits]
-    out = [torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1) for z in rows]
+    out = []
+    for row in logits:
+        # Upcast inside the loop: a float32 copy of the whole [B, T, V] is the memory peak.
+        z = _at_least_f32(row)
+        out.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
     return torch.stack(out) if out else logits.new_zeros(logits.shape[:2])
 
 
