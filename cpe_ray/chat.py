@@ -22,6 +22,10 @@ class Message:
     role: str
     content: str
 
+    def as_dict(self) -> dict[str, str]:
+        """The {"role", "content"} form chat templates and engines take."""
+        return {"role": self.role, "content": self.content}
+
 
 def _inline(value: Any) -> str:
     """A value on one line: lists joined with ', ', objects as 'k: v; k: v', '' if empty."""
@@ -91,8 +95,7 @@ def render_chat_template(
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(f"tokenizer '{name}' has no chat template; use a chat/instruct model's "
                         "tokenizer or set tokenizer.chat_template (e.g. a ChatML template)")
-    dicts = [{"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m)
-             for m in messages]
+    dicts = [m.as_dict() if isinstance(m, Message) else dict(m) for m in messages]
     try:
         return str(tokenizer.apply_chat_template(
             dicts, tokenize=False, add_generation_prompt=add_generation_prompt))

@@ -77,7 +77,7 @@ class SFTExample:
     messages: tuple[Message, ...]
 
     def as_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
 
 @dataclass(frozen=True)
