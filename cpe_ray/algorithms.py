@@ -216,16 +216,30 @@ def kl_estimate(
 
 
 # ----------------------------------------------------------------------------- losses
-def aggregate_loss(loss_mat: Tensor, mask: Tensor, mode: str) -> Tensor:
-    """Reduce a [B, T] token loss: over all tokens, or mean over non-empty sequences."""
+def aggregate_loss(
+    loss_mat: Tensor, mask: Tensor, mode: str, normalizer: float | None = None
+) -> Tensor:
+    """Reduce a [B, T] token loss: over all tokens, or mean over non-empty sequences.
+
+    `normalizer` replaces the local count (tokens for token_mean, non-empty sequences for
+    the seq modes) as the divisor: a micro-batch that passes its mini-batch's global count
+    contributes exactly its share of the mini-batch mean, however rows are split over
+    micro-batches and ranks.
+    """
     _check_agg(mode)
     _check_shapes(loss_mat=loss_mat, mask=mask)
+    if normalizer is not None and normalizer <= 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer}")
     if mode == "token_mean":
-        return masked_mean(loss_mat, mask)
+        if normalizer is None:
+            return masked_mean(loss_mat, mask)
+        return masked_sum(loss_mat, mask) / normalizer
     reduce = masked_sum if mode == "seq_mean_token_sum" else masked_mean
     per_seq = reduce(loss_mat, mask, dim=-1)
     non_empty = (mask != 0).any(dim=-1)
-    return masked_mean(per_seq, non_empty)
+    if normalizer is None:
+        return masked_mean(per_seq, non_empty)
+    return masked_sum(per_seq, non_empty) / normalizer
 
 
 @dataclass
@@ -293,6 +307,7 @@ def ppo_policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     agg: str = "token_mean",
+    normalizer: float | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate: max(-A r, -A clip(r, 1-lo, 1+hi)), dual clip for A < 0."""
     _check_agg(agg)
@@ -304,7 +319,7 @@ def ppo_policy_loss(
         approx_kl=masked_mean(_at_least_f32(old_logprobs - logprobs), mask).detach(),
         dual_clip_frac=masked_mean(is_dual.float(), mask).detach(),
     )
-    return aggregate_loss(loss_mat, mask, agg), stats
+    return aggregate_loss(loss_mat, mask, agg, normalizer), stats
 
 
 def cpe_policy_loss(
@@ -322,6 +337,7 @@ def cpe_policy_loss(
     agg: str = "token_mean",
     edit_eps: float = EDIT_RATIO_EPS,
     edit_loss: bool = True,
+    normalizer: float | None = None,
 ) -> tuple[Tensor, CpeLossStats]:
     """PPO on originals, the off-policy edit loss on rewrites (method.md 3.7), mixed per row.
 
@@ -368,7 +384,7 @@ def cpe_policy_loss(
         edit_ratio_mean=masked_mean(ratio, edited).detach(),
         edit_token_frac=masked_mean(edited.float(), mask).detach(),
     )
-    return aggregate_loss(loss_mat, mask, agg), stats
+    return aggregate_loss(loss_mat, mask, agg, normalizer), stats
 
 
 def value_loss(
@@ -378,6 +394,7 @@ def value_loss(
     mask: Tensor,
     clip: float | None = 0.2,
     agg: str = "token_mean",
+    normalizer: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """0.5 * max((v - R)^2, (old_v + clip(v - old_v, -c, c) - R)^2) -> (loss, clip_frac)."""
     _check_agg(agg)
@@ -390,7 +407,7 @@ def value_loss(
         _check_clip("clip", clip)
         clipped = (old_v + torch.clamp(v - old_v, -clip, clip) - ret) ** 2
         loss_mat, is_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = aggregate_loss(0.5 * _zero_pad(loss_mat, mask), mask, agg)
+    loss = aggregate_loss(0.5 * _zero_pad(loss_mat, mask), mask, agg, normalizer)
     return loss, masked_mean(is_clipped.float(), mask).detach()
 
 

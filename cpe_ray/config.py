@@ -79,6 +79,7 @@ class RolloutConfig:
     max_new_tokens: int = _f(48, ge=1)
     gpu_memory_utilization: float = _f(0.6, gt=0, le=1)
     enable_sleep: bool = False
+    max_batch_rows: int = _f(64, ge=1)  # HF engine: sequences decoded together
 
 
 @dataclass
@@ -158,6 +159,8 @@ class LearnerConfig:
     critic_model_path: str | None = None  # None: initialise the critic from the policy
     gradient_checkpointing: bool = False
     weight_sync_bucket_mb: float = _f(64.0, gt=0)
+    weight_sync_timeout_s: float = _f(120.0, gt=0)  # a peer silent this long fails the sync
+    dist_timeout_s: float = _f(600.0, gt=0)  # DeepSpeed's own group: collectives and start-up
 
 
 @dataclass

@@ -46,6 +46,16 @@ class RewriteInfo:
     original_reward: float | None = None
 
 
+@dataclass(frozen=True)
+class EditRequest:
+    """One answer to rewrite: what the policy sees in the edit prompt."""
+
+    persona: str
+    question: str
+    answer: str
+    critique: str
+
+
 def load_edit_template(name_or_path: str) -> PromptTemplate:
     """The edit template: must hold the question, the answer and the critique."""
     return load_template(name_or_path, allowed=EDIT_PLACEHOLDERS, required=EDIT_REQUIRED)

@@ -25,3 +25,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+LOCAL_RAY_CPUS = 4  # logical: two learner ranks, a rollout and a GRM actor on a 2-core box
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh single-node Ray for one test module (never an already running cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=LOCAL_RAY_CPUS, include_dashboard=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -367,3 +367,20 @@ def test_entropy_and_logprobs_from_logits() -> None:
           torch.full((2, 3), -math.log(8)).float(), tol=1e-6)
     with pytest.raises(ValueError, match="token_ids"):
         logprobs_from_logits(logits, ids[:, :1])
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_aggregate_normalizer_splits_a_mean_exactly(mode: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    loss = torch.randn(6, 5, generator=gen)
+    mask = (torch.rand(6, 5, generator=gen) > 0.3).float()
+    mask[2] = 0  # an empty row counts for no sequence
+    whole = aggregate_loss(loss, mask, mode)
+    count = mask.sum() if mode == "token_mean" else (mask.sum(-1) > 0).sum()
+    parts = [aggregate_loss(loss[i : i + 2], mask[i : i + 2], mode, normalizer=float(count))
+             for i in range(0, 6, 2)]
+    torch.testing.assert_close(sum(parts), whole)
+    local = aggregate_loss(loss, mask, mode, normalizer=float(count))
+    torch.testing.assert_close(local, whole)
+    with pytest.raises(ValueError, match="normalizer must be positive"):
+        aggregate_loss(loss, mask, mode, normalizer=0.0)

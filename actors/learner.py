@@ -1,0 +1,216 @@
+"""The `PPOLearner` Ray actor (one DeepSpeed data-parallel rank) and `LearnerGroup`, its driver.
+
+The actor only sets up its process (threads, `torch.distributed`) and forwards calls to
+`cpe_ray.learner.PPOLearnerCore`. The group creates the ranks in their placement bundles,
+cuts batches into equal shards and micro-batch counts, reduces metrics, and runs weight
+syncs against the rollout engines with a bounded wait that names a failing peer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+
+from cpe_ray.config import Config
+from cpe_ray.experience import Experience, split_even
+from cpe_ray.learner import PPOLearnerCore, TrainShard, reduce_metrics
+from cpe_ray.remote import actor_env, threads_per_actor, wait_all
+from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats, free_port
+
+
+@ray.remote
+class PPOLearner:
+    def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
+        torch.set_num_threads(threads_per_actor(cfg))
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.core: PPOLearnerCore | None = None
+
+    def address(self) -> tuple[str, int]:
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        import deepspeed
+
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world), LOCAL_RANK="0",  # Ray shows each rank only its GPU
+        )
+        use_gpu = self.cfg.cluster.use_gpu
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_gpu else "gloo",
+            timeout=timedelta(seconds=self.cfg.learner.dist_timeout_s),
+        )
+        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.core = PPOLearnerCore(self.cfg, self.rank, self.world, device)
+        return self.core.info()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def compute_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
+        return self.core.compute_logprobs(exp, num_micro)
+
+    def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
+        return self.core.compute_ref_logprobs(exp, num_micro)
+
+    def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        return self.core.next_token_logits(prompts)
+
+    def compute_values(self, exp: Experience, num_micro: int) -> torch.Tensor:
+        return self.core.compute_values(exp, num_micro)
+
+    def train(self, shards: list[TrainShard]) -> dict[str, tuple[float, float]]:
+        return self.core.train(shards)
+
+    def save_state(self, path: str) -> None:
+        self.core.save_state(path)
+
+    def load_state(self, path: str) -> None:
+        self.core.load_state(path)
+
+    def export_hf(self, path: str) -> None:
+        self.core.export_hf(path)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        return self.core.policy_state()
+
+    def weight_manifest(self) -> Manifest:
+        return self.core.weight_manifest()
+
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        self.core.join_weight_group(spec)
+
+    def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
+        return self.core.broadcast_weights(manifest)
+
+
+class LearnerGroup:
+    """Creates `learner.num_ranks` PPOLearner actors and speaks to them as one."""
+
+    def __init__(self, cfg: Config, strategies: list[Any] | None = None,
+                 gpus_per_rank: float | None = None) -> None:
+        self.cfg = cfg
+        n = cfg.learner.num_ranks
+        if strategies is not None and len(strategies) != n:
+            raise ValueError(f"need {n} scheduling strategies, got {len(strategies)}")
+        gpus = gpus_per_rank if gpus_per_rank is not None else (1 if cfg.cluster.use_gpu else 0)
+        threads = threads_per_actor(cfg)
+        self.actors = []
+        for rank in range(n):
+            options: dict[str, Any] = {
+                "num_cpus": cfg.cluster.cpus_per_bundle,
+                "num_gpus": gpus,
+                "runtime_env": {"env_vars": actor_env(cfg, threads)},
+            }
+            if strategies is not None:
+                options["scheduling_strategy"] = strategies[rank]
+            self.actors.append(PPOLearner.options(**options).remote(cfg, rank, n))
+        self.labels = [f"learner rank {r}" for r in range(n)]
+        self._manifest: Manifest | None = None
+        self._engines: list[Any] = []
+
+    def setup(self) -> list[dict[str, Any]]:
+        timeout = self.cfg.learner.dist_timeout_s
+        host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
+                              "learner address")[0]
+        futures = [a.setup.remote(host, port) for a in self.actors]
+        return wait_all(futures, self.labels, timeout, "learner start-up")
+
+    @property
+    def world(self) -> int:
+        return len(self.actors)
+
+    def _call(self, method: str, args_per_rank: list[tuple], what: str) -> list[Any]:
+        futures = [getattr(a, method).remote(*args) for a, args in
+                   zip(self.actors, args_per_rank, strict=True)]
+        return wait_all(futures, self.labels, self.cfg.learner.dist_timeout_s, what)
+
+    def _num_micro(self, rows_per_rank: list[int]) -> int:
+        return max(1, math.ceil(max(rows_per_rank) / self.cfg.learner.micro_batch_size))
+
+    def _per_row(self, method: str, exp: Experience) -> torch.Tensor:
+        shards = [exp.select(rows) for rows in split_even(len(exp), self.world)]
+        k = self._num_micro([len(s) for s in shards])
+        parts = self._call(method, [(s, k) for s in shards], method)
+        return torch.cat(parts)
+
+    def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        return self._per_row("compute_logprobs", exp)
+
+    def compute_ref_logprobs(self, exp: Experience) -> torch.Tensor:
+        return self._per_row("compute_ref_logprobs", exp)
+
+    def compute_values(self, exp: Experience) -> torch.Tensor:
+        return self._per_row("compute_values", exp)
+
+    def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        return self._call("next_token_logits", [(prompts,)] * self.world, "logits")[0]
+
+    def train(self, exp: Experience, num_mini_batches: int, seed: int) -> dict[str, float]:
+        """`ppo.epochs` passes; each a fresh seeded shuffle cut into optimiser steps."""
+        per_rank: list[list[TrainShard]] = [[] for _ in range(self.world)]
+        for epoch in range(self.cfg.ppo.epochs):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(exp), generator=gen)
+            for rows in split_even(len(exp), min(num_mini_batches, len(exp))):
+                mini = exp.select(order[rows])
+                shards = [mini.select(r) for r in split_even(len(mini), self.world)]
+                k = self._num_micro([len(s) for s in shards])
+                tokens, seqs = mini.num_tokens(), mini.num_nonempty()
+                for rank, shard in enumerate(shards):
+                    per_rank[rank].append(TrainShard(shard, k, tokens, seqs))
+        parts = self._call("train", [(s,) for s in per_rank], "PPO update")
+        return reduce_metrics(parts)
+
+    def save_state(self, path: str) -> None:
+        self._call("save_state", [(path,)] * self.world, "save learner state")
+
+    def load_state(self, path: str) -> None:
+        self._call("load_state", [(path,)] * self.world, "load learner state")
+
+    def export_hf(self, path: str) -> None:
+        self._call("export_hf", [(path,)] * self.world, "export policy")
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        return self._call("policy_state", [()] * self.world, "gather policy")[0]
+
+    # --- weight sync ------------------------------------------------------------------------
+    def connect_engines(self, engines: list[Any], engine_labels: list[str]) -> Manifest:
+        """Form the sync group: learner rank 0 is rank 0, engine workers follow in order."""
+        timeout = self.cfg.learner.weight_sync_timeout_s
+        self._manifest = wait_all([self.actors[0].weight_manifest.remote()], self.labels[:1],
+                                  timeout, "weight manifest")[0]
+        ranks = wait_all([e.sync_ranks.remote() for e in engines], engine_labels, timeout,
+                         "engine sync ranks")
+        host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
+                              "sync address")[0]
+        spec = GroupSpec(
+            backend="nccl" if self.cfg.cluster.use_gpu else "gloo", host=host, port=port,
+            world_size=1 + sum(ranks), timeout_s=timeout,
+        )
+        firsts = [1 + sum(ranks[:i]) for i in range(len(engines))]
+        futures = [self.actors[0].join_weight_group.remote(spec)]
+        futures += [e.join_weight_group.remote(spec, f) for e, f in zip(engines, firsts,
+                                                                       strict=True)]
+        wait_all(futures, self.labels[:1] + engine_labels, timeout + 1, "join weight-sync group")
+        self._engines, self._engine_labels = list(engines), list(engine_labels)
+        return self._manifest
+
+    def sync_weights(self) -> SyncStats:
+        """Broadcast the policy to every connected engine; one RPC per engine, buckets inside."""
+        if self._manifest is None:
+            raise RuntimeError("sync_weights before connect_engines")
+        timeout = self.cfg.learner.weight_sync_timeout_s
+        futures = [a.broadcast_weights.remote(self._manifest) for a in self.actors]
+        futures += [e.receive_weights.remote(self._manifest) for e in self._engines]
+        # Each bucket's broadcast times out on its own within `timeout` (naming the rank);
+        # this outer deadline only catches a peer that hangs outside the group.
+        deadline = timeout * (1 + len(self._manifest.buckets))
+        results = wait_all(futures, self.labels + self._engine_labels, deadline, "weight sync")
+        return results[0]

@@ -1,0 +1,127 @@
+"""The `PolicyRollout` Ray actor: answers, post-edit rewrites and weight loading on one engine.
+
+Prompts are built here from persona and question with the policy's chat template, so the
+driver ships strings and gets back the exact token ids it must train on. A rewrite's
+completion carries its log-probs under the *edit* prompt: that is log pi_e of method.md 3.3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from cpe_ray.chat import apply_chat_template, build_policy_messages, load_policy_system_template
+from cpe_ray.chat import system_prompt as render_system
+from cpe_ray.config import Config
+from cpe_ray.engines.base import Completion, SamplingParams
+from cpe_ray.engines.factory import make_engine
+from cpe_ray.post_edit import EditRequest, build_edit_messages, load_edit_template
+from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats
+
+
+@dataclass
+class GenerationBatch:
+    """Prompt token ids (one per request) and completions, prompt-major."""
+
+    prompt_ids: list[list[int]]
+    completions: list[Completion]
+
+
+@ray.remote
+class PolicyRollout:
+    def __init__(self, cfg: Config, engine_index: int = 0,
+                 bundle_indices: list[int] | None = None,
+                 gpu_fraction: float | None = None) -> None:
+        import torch
+
+        from cpe_ray.remote import threads_per_actor
+
+        torch.set_num_threads(threads_per_actor(cfg))
+        self.cfg, self.index = cfg, engine_index
+        r = cfg.rollout
+        self.engine = make_engine(
+            r.backend, cfg.policy.model_path, dtype=cfg.policy.dtype,
+            seed=cfg.run.seed + engine_index, use_gpu=cfg.cluster.use_gpu,
+            tensor_parallel_size=r.tensor_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            max_model_len=r.max_prompt_length + max(r.max_new_tokens,
+                                                    cfg.post_edit.max_new_tokens),
+            enable_sleep=r.enable_sleep, max_batch_rows=r.max_batch_rows,
+            bundle_indices=bundle_indices, gpu_fraction=gpu_fraction,
+            trust_remote_code=cfg.policy.trust_remote_code,
+        )
+        from cpe_ray.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.engine.info().model_path,
+                                        cfg.policy.trust_remote_code)
+        self.system_template = load_policy_system_template(cfg.policy.system_template)
+        self.edit_template = load_edit_template(cfg.post_edit.template)
+
+    def info(self) -> dict[str, str]:
+        info = self.engine.info()
+        return {"backend": info.backend, "model": info.model_path, "device": info.device,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def _truncate(self, ids: list[int]) -> list[int]:
+        # Keep the end: the generation prompt and the question sit there.
+        limit = self.cfg.rollout.max_prompt_length
+        return ids[-limit:] if len(ids) > limit else ids
+
+    def prompt_ids(self, persona: str, question: str) -> list[int]:
+        messages = build_policy_messages(persona, question, self.system_template)
+        return self._truncate(apply_chat_template(self.tokenizer, messages))
+
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams
+                 ) -> list[Completion]:
+        return self.engine.generate(prompt_token_ids, params)
+
+    def answer(self, prompts: list[tuple[str, str]], seed: int) -> GenerationBatch:
+        """n answers per (persona, question), sampled with the rollout settings."""
+        r = self.cfg.rollout
+        ids = [self.prompt_ids(persona, question) for persona, question in prompts]
+        params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature,
+                                top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
+        return GenerationBatch(ids, self.engine.generate(ids, params))
+
+    def post_edit(self, requests: list[EditRequest], seed: int) -> GenerationBatch:
+        """One rewrite per request under the edit prompt; logprobs are log pi_e."""
+        pe = self.cfg.post_edit
+        ids = []
+        for req in requests:
+            system = render_system(self.system_template, req.persona)
+            messages = build_edit_messages(self.edit_template, req.question, req.answer,
+                                           req.critique, system_prompt=system,
+                                           persona=req.persona)
+            ids.append(self._truncate(apply_chat_template(self.tokenizer, messages)))
+        params = SamplingParams(n=1, temperature=pe.temperature, top_p=self.cfg.rollout.top_p,
+                                max_new_tokens=pe.max_new_tokens, seed=seed)
+        return GenerationBatch(ids, self.engine.generate(ids, params))
+
+    def next_token_logits(self, prompt_token_ids: list[list[int]]):
+        """Raw next-token logits (engines that expose them: the HF engine); for checks."""
+        fn = getattr(self.engine, "next_token_logits", None)
+        if fn is None:
+            raise NotImplementedError(f"{self.cfg.rollout.backend} engine exposes no logits")
+        return fn(prompt_token_ids)
+
+    def sync_ranks(self) -> int:
+        return self.engine.info().sync_ranks
+
+    def join_weight_group(self, spec: GroupSpec, first_rank: int) -> None:
+        self.engine.join_weight_group(spec, first_rank)
+
+    def receive_weights(self, manifest: Manifest) -> SyncStats:
+        return self.engine.receive_weights(manifest)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()

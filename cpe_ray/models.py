@@ -1,0 +1,91 @@
+"""Where a model lives and how it is loaded: the `tiny` alias, dtypes, devices, tokenizers.
+
+Shared by the HF engine, the learner and the judges so that every process resolves
+`policy.model_path` and dtypes the same way and fails with the same one-line error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpe_ray.config import TINY_MODEL
+from cpe_ray.errors import ConfigError
+from cpe_ray.paths import resolve_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model_path: str) -> str:
+    """`tiny` builds (once) and returns the offline tiny model; a local directory must exist.
+
+    Anything else is taken as a hub id, which only works where the hub cache already holds it:
+    nothing here downloads.
+    """
+    if model_path == TINY_MODEL:
+        from cpe_ray.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    local = resolve_path(model_path)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(
+                f"model directory {local} has no config.json; point to an HF model dir"
+            )
+        return str(local)
+    if model_path.startswith((".", "/", "~")) or Path(model_path).suffix:
+        raise ConfigError(f"model path {model_path} does not exist (resolved to {local})")
+    return model_path
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"dtype {name!r} is not one of {sorted(DTYPES)}") from None
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`None`: this process's CUDA device if Ray gave it one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
+        torch.device("cpu"))
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    model_path: str, dtype: str, device: torch.device | str = "cpu", trust_remote_code: bool = False
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
+
+
+def stop_token_ids(tokenizer: Any, model_path: str) -> tuple[int, ...]:
+    """EOS ids from the tokenizer and generation_config.json (Qwen lists several)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        gen_eos = None
+    if gen_eos is not None:
+        ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    return tuple(sorted(ids))

@@ -1,0 +1,78 @@
+"""Driver-side Ray helpers: the environment actors start with, and bounded waits that name peers.
+
+A collective step (a DeepSpeed start-up, a weight sync) involves several actors at once; if
+one of them dies or stalls the others block. `wait_all` waits for all of them up to a
+deadline and turns the first failure or the laggards into one `RemoteError` line naming
+which actor did what, instead of a hang or a traceback from deep inside Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from cpe_ray.config import Config
+from cpe_ray.errors import CpeError
+
+# Collect stragglers' results for a moment after the deadline so one slow peer's error is
+# reported rather than a timeout, when both happened.
+GRACE_S = 1.0
+
+
+class RemoteError(CpeError):
+    """An actor failed, died or did not answer in time; the message names it."""
+
+
+def actor_env(cfg: Config, threads: int) -> dict[str, str]:
+    """Environment variables for every actor process (passed through Ray's runtime_env)."""
+    env = {
+        "OMP_NUM_THREADS": str(threads),  # 2 threads per rank on 2 cores ran 10x slower
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
+    }
+    if not cfg.cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("TORCH_EXTENSIONS_DIR", "CPE_RAY_CACHE", "HF_HOME"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def threads_per_actor(cfg: Config) -> int:
+    return max(1, int(cfg.cluster.cpus_per_bundle))
+
+
+def wait_all(
+    futures: Sequence[ray.ObjectRef], labels: Sequence[str], timeout_s: float, what: str
+) -> list[Any]:
+    """`ray.get` of all futures within `timeout_s`, or one RemoteError naming the culprit."""
+    if len(futures) != len(labels):
+        raise ValueError("one label per future")
+    ready, pending = ray.wait(list(futures), num_returns=len(futures), timeout=timeout_s)
+    done = set(ready)
+    if pending:  # give peers that failed because of the laggard a moment to report it
+        more, pending = ray.wait(pending, num_returns=len(pending), timeout=GRACE_S)
+        done.update(more)
+    results: list[Any] = []
+    for fut, label in zip(futures, labels, strict=True):
+        if fut not in done:
+            continue
+        try:
+            results.append(ray.get(fut))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            detail = " ".join(str(cause).split())[:400]
+            raise RemoteError(f"{what}: {label} failed: {detail}") from exc
+        except ray.exceptions.RayActorError as exc:
+            raise RemoteError(f"{what}: {label} died ({type(exc).__name__})") from exc
+    if pending:
+        late = [label for fut, label in zip(futures, labels, strict=True) if fut not in done]
+        raise RemoteError(
+            f"{what}: no answer within {timeout_s:g} s from {', '.join(late)}; the others "
+            "finished. Check that actor's log (ray logs), or raise the timeout"
+        )
+    return results
