@@ -94,7 +94,8 @@ class LearnerGroup:
     """Creates `learner.num_ranks` PPOLearner actors and speaks to them as one."""
 
     def __init__(self, cfg: Config, strategies: list[Any] | None = None,
-                 gpus_per_rank: float | None = None) -> None:
+                 gpus_per_rank: float | None = None,
+                 cpus_per_rank: float | None = None) -> None:
         self.cfg = cfg
         n = cfg.learner.num_ranks
         if strategies is not None and len(strategies) != n:
@@ -104,7 +105,8 @@ class LearnerGroup:
         self.actors = []
         for rank in range(n):
             options: dict[str, Any] = {
-                "num_cpus": cfg.cluster.cpus_per_bundle,
+                "num_cpus": cpus_per_rank if cpus_per_rank is not None else (
+                    cfg.cluster.cpus_per_bundle),
                 "num_gpus": gpus,
                 "runtime_env": {"env_vars": actor_env(cfg, threads)},
             }
