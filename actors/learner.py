@@ -89,6 +89,12 @@ class PPOLearner:
     def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
         return self.core.broadcast_weights(manifest)
 
+    def push_weights_ipc(self, manifest: Manifest, engine: Any | None, tp: int) -> SyncStats:
+        def load(handles, bucket):
+            ray.get(engine.load_ipc.remote(handles, bucket))
+
+        return self.core.push_weights_ipc(manifest, load if engine is not None else None, tp)
+
 
 class LearnerGroup:
     """Creates `learner.num_ranks` PPOLearner actors and speaks to them as one."""
@@ -183,11 +189,21 @@ class LearnerGroup:
         return self._call("policy_state", [()] * self.world, "gather policy")[0]
 
     # --- weight sync ------------------------------------------------------------------------
+    @property
+    def uses_ipc(self) -> bool:
+        """Colocated on GPUs: engine i shares learner rank i's GPU and maps its buckets."""
+        return self.cfg.cluster.use_gpu and self.cfg.cluster.colocate_learner_rollout
+
     def connect_engines(self, engines: list[Any], engine_labels: list[str]) -> Manifest:
         """Form the sync group: learner rank 0 is rank 0, engine workers follow in order."""
         timeout = self.cfg.learner.weight_sync_timeout_s
         self._manifest = wait_all([self.actors[0].weight_manifest.remote()], self.labels[:1],
                                   timeout, "weight manifest")[0]
+        if self.uses_ipc:
+            if len(engines) * self.cfg.rollout.tensor_parallel_size != self.world:
+                raise ValueError("CUDA IPC sync needs one learner rank per engine GPU")
+            self._engines, self._engine_labels = list(engines), list(engine_labels)
+            return self._manifest
         ranks = wait_all([e.sync_ranks.remote() for e in engines], engine_labels, timeout,
                          "engine sync ranks")
         host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
@@ -209,6 +225,14 @@ class LearnerGroup:
         if self._manifest is None:
             raise RuntimeError("sync_weights before connect_engines")
         timeout = self.cfg.learner.weight_sync_timeout_s
+        if self.uses_ipc:
+            tp = self.cfg.rollout.tensor_parallel_size
+            # rank r shares a GPU with worker r % tp of engine r // tp; its first rank calls it
+            futures = [a.push_weights_ipc.remote(
+                self._manifest, self._engines[r // tp] if r % tp == 0 else None, tp)
+                for r, a in enumerate(self.actors)]
+            deadline = timeout * (1 + len(self._manifest.buckets))
+            return wait_all(futures, self.labels, deadline, "weight sync (CUDA IPC)")[0]
         futures = [a.broadcast_weights.remote(self._manifest) for a in self.actors]
         futures += [e.receive_weights.remote(self._manifest) for e in self._engines]
         # Each bucket's broadcast times out on its own within `timeout` (naming the rank);

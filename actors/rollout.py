@@ -120,6 +120,9 @@ class PolicyRollout:
     def receive_weights(self, manifest: Manifest) -> SyncStats:
         return self.engine.receive_weights(manifest)
 
+    def load_ipc(self, handles: dict, bucket) -> None:
+        self.engine.load_ipc(handles, bucket)
+
     def sleep(self) -> None:
         self.engine.sleep()
 

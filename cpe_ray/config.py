@@ -413,10 +413,11 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
     if t.rollout_batch_size % p.mini_batch_size:
         yield (f"trainer.rollout_batch_size ({t.rollout_batch_size}) is not a multiple of "
                f"ppo.mini_batch_size ({p.mini_batch_size})")
-    samples = p.mini_batch_size * r.n_samples_per_prompt
-    per_step = le.num_ranks * le.micro_batch_size
-    if samples % per_step:
-        yield (f"ppo.mini_batch_size x rollout.n_samples_per_prompt ({samples}) is not a multiple "
-               f"of learner.num_ranks x learner.micro_batch_size ({per_step})")
+    c = cfg.cluster
+    if c.colocate_learner_rollout and c.use_gpu and (
+            r.num_engines * r.tensor_parallel_size != le.num_ranks):
+        yield ("cluster.colocate_learner_rollout puts each rollout engine GPU beside one learner "
+               "rank (CUDA IPC sync); set rollout.num_engines x rollout.tensor_parallel_size "
+               f"({r.num_engines * r.tensor_parallel_size}) = learner.num_ranks ({le.num_ranks})")
     if t.resume not in RESUME_KEYWORDS and not t.resume.strip():
         yield "trainer.resume is empty; use never, auto or a checkpoint path"

@@ -13,8 +13,9 @@ is a thin wrapper around `PPOLearnerCore`.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +33,10 @@ from cpe_ray.weight_sync import (
     Manifest,
     SyncGroup,
     SyncStats,
+    pack,
     plan_manifest,
     send_buckets,
+    share_cuda,
 )
 
 POLICY_TAG, CRITIC_TAG = "policy", "critic"
@@ -370,6 +373,46 @@ class PPOLearnerCore:
             with fetch(bucket):
                 pass
         return None
+
+    def push_weights_ipc(
+        self,
+        manifest: Manifest,
+        load: Callable[[dict[str, Any], Bucket], None] | None,
+        tp: int = 1,
+    ) -> SyncStats:
+        """Colocated GPUs: pack each bucket here and let the engine workers on these GPUs map it.
+
+        Learner ranks [e*tp, (e+1)*tp) share GPUs with engine e's tp workers. Every rank packs
+        the bucket on its GPU; with tp > 1 the handles are gathered so that the engine's first
+        rank (the one given `load`) hands the engine one handle per GPU. `load(handles,
+        bucket)` returns once the engine has copied the bucket (a blocking Ray call), and a
+        barrier keeps the other ranks' buffers alive until then, so one buffer serves every
+        bucket. Every rank gathers (ZeRO-3).
+        """
+        import torch.distributed as dist
+
+        from cpe_ray.engines.vllm_ext import gpu_uuid
+
+        start = time.perf_counter()
+        params = dict(self.policy.module.named_parameters())
+        buffer = torch.empty(manifest.max_bucket_bytes, dtype=torch.uint8, device=self.device)
+        uuid = gpu_uuid(self.device.index or 0)
+        for bucket in manifest.buckets:
+            chosen = [params[t.name] for t in bucket.tensors]
+            with self._gathered(chosen):
+                flat = pack(bucket, {t.name: params[t.name].data for t in bucket.tensors}, buffer)
+                torch.cuda.synchronize(self.device)
+                handles = {uuid: share_cuda(flat)}
+                if tp > 1:
+                    everyone: list[Any] = [None] * self.world
+                    dist.all_gather_object(everyone, handles)
+                    first = self.rank - self.rank % tp
+                    handles = {k: v for h in everyone[first : first + tp] for k, v in h.items()}
+                if load is not None:
+                    load(handles, bucket)
+                if tp > 1:
+                    dist.barrier()
+        return SyncStats(len(manifest.buckets), manifest.total_bytes, time.perf_counter() - start)
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "device": str(self.device),

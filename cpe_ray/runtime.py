@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from cpe_ray.config import Config
-from cpe_ray.placement import Pool, PlacementPlan, create_pools, plan_placement, remove_pools
+from cpe_ray.placement import PlacementPlan, Pool, create_pools, plan_placement, remove_pools
 from cpe_ray.remote import actor_env, threads_per_actor, wait_all
 from cpe_ray.weight_sync import Manifest
 

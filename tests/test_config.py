@@ -102,8 +102,8 @@ ERRORS = [
     (["ppo.kl_coef=0.1"], "ppo.kl_coef > 0 needs a reference model; set learner.use_reference=true"),
     (["trainer.rollout_batch_size=6"], "trainer.rollout_batch_size (6) is not a multiple of "
                                        "ppo.mini_batch_size (4)"),
-    (["learner.micro_batch_size=3"], "ppo.mini_batch_size x rollout.n_samples_per_prompt (16) is "
-                                     "not a multiple of learner.num_ranks x learner.micro_batch_size (3)"),
+    (["cluster.use_gpu=true", "cluster.colocate_learner_rollout=true", "learner.num_ranks=2"],
+     "cluster.colocate_learner_rollout puts each rollout engine GPU beside one learner rank"),
     (["trainer.resume=' '"], "trainer.resume is empty"),
 ]
 

@@ -113,3 +113,13 @@ def test_load_weights_changes_outputs_and_rejects_unknown_names() -> None:
     assert delta > 0.1
     with pytest.raises(KeyError, match="no parameter 'nope'"):
         eng.load_weights([("nope", torch.zeros(1))])
+
+
+@pytest.mark.gpu
+def test_cuda_engine_logprobs_match_cpu_teacher_forcing(engine: HFEngine) -> None:
+    gpu = HFEngine("tiny", device="cuda")
+    prompts = _prompts(engine)
+    completions = gpu.generate(prompts, SamplingParams(n=2, max_new_tokens=16, seed=0))
+    for c in completions:
+        expected = _teacher_forced(engine, prompts[c.prompt_index], c.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,8 @@ it was sampled from (temperature, then top-p, renormalised), which is what vLLM'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -28,7 +29,16 @@ from cpe_ray.models import (
     resolve_model_path,
     stop_token_ids,
 )
-from cpe_ray.weight_sync import GroupSpec, Manifest, SyncGroup, SyncStats, receive_buckets
+from cpe_ray.weight_sync import (
+    Bucket,
+    GroupSpec,
+    Manifest,
+    SyncGroup,
+    SyncStats,
+    open_cuda,
+    receive_buckets,
+    unpack,
+)
 
 DEFAULT_MAX_BATCH_ROWS = 64  # sequences decoded together; bounds the KV cache's memory
 
@@ -181,6 +191,18 @@ class HFEngine:
         if self._group is None:
             raise RuntimeError("receive_weights before join_weight_group")
         return receive_buckets(self._group, manifest, self.load_weights)
+
+    def load_ipc(self, handles: Mapping[str, Any], bucket: Bucket) -> None:
+        """Load one packed bucket that a learner on the same GPU shared by CUDA IPC."""
+        from cpe_ray.engines.vllm_ext import gpu_uuid
+
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA IPC weight loading needs the engine on a GPU")
+        index = self.device.index if self.device.index is not None else (
+            torch.cuda.current_device())
+        flat = open_cuda(handles[gpu_uuid(index)], index)
+        self.load_weights(unpack(bucket, flat))
+        torch.cuda.synchronize(self.device)  # the sender reuses the buffer once we return
 
     def close_weight_group(self) -> None:
         self._group = None
