@@ -109,6 +109,10 @@ class GRMConfig:
     tensor_parallel_size: int = _f(1, ge=1)
     gpu_memory_utilization: float = _f(0.9, gt=0, le=1)
     api: GRMApiConfig = field(default_factory=GRMApiConfig)
+    # backend=rubric only: the length rule in words (method.md 2 uses 300-400 tokens)
+    rubric_min_words: int = _f(8, ge=0)
+    rubric_max_words: int = _f(30, ge=1)
+    rubric_words_per_point: int = _f(10, ge=1)
 
 
 @dataclass
@@ -391,6 +395,9 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
             yield f"grm.weights.{dim} = {w} must be a finite number >= 0"
     if g.weights and sum(g.weights.values()) <= 0:
         yield "grm.weights sum to 0; give at least one positive weight"
+    if g.rubric_min_words > g.rubric_max_words:
+        yield (f"grm.rubric_min_words ({g.rubric_min_words}) must not exceed "
+               f"grm.rubric_max_words ({g.rubric_max_words})")
     if g.score_min >= g.score_max:
         yield (f"grm.score_min ({g.score_min:g}) must be below grm.score_max ({g.score_max:g})")
     if g.backend in ("hf", "vllm", "bt") and not g.model_path:

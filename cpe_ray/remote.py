@@ -58,6 +58,7 @@ def wait_all(
         more, pending = ray.wait(pending, num_returns=len(pending), timeout=GRACE_S)
         done.update(more)
     results: list[Any] = []
+    failures: list[tuple[bool, str, BaseException]] = []  # (died, message, exception)
     for fut, label in zip(futures, labels, strict=True):
         if fut not in done:
             continue
@@ -66,9 +67,14 @@ def wait_all(
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             detail = " ".join(str(cause).split())[:400]
-            raise RemoteError(f"{what}: {label} failed: {detail}") from exc
+            failures.append((False, f"{what}: {label} failed: {detail}", exc))
         except ray.exceptions.RayActorError as exc:
-            raise RemoteError(f"{what}: {label} died ({type(exc).__name__})") from exc
+            failures.append((True, f"{what}: {label} died ({type(exc).__name__})", exc))
+    if failures:
+        # A dead actor is the root cause of its peers' errors (a broken collective): name it.
+        failures.sort(key=lambda f: not f[0])
+        _, message, exc = failures[0]
+        raise RemoteError(message) from exc
     if pending:
         late = [label for fut, label in zip(futures, labels, strict=True) if fut not in done]
         raise RemoteError(

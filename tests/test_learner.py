@@ -22,7 +22,7 @@ def _config(stage: int, ranks: int, **extra: str):
         f"learner.num_ranks={ranks}", f"learner.zero_stage={stage}",
         "learner.micro_batch_size=2", "learner.actor_lr=1e-2", "learner.critic_lr=1e-2",
         "learner.weight_sync_bucket_mb=0.05",  # ~10 buckets for the tiny model
-        "learner.weight_sync_timeout_s=30", "rollout.max_new_tokens=12",
+        "learner.weight_sync_timeout_s=10", "rollout.max_new_tokens=12",
         "trainer.rollout_batch_size=4", "ppo.mini_batch_size=2",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
@@ -92,6 +92,16 @@ def test_update_then_sync_makes_engine_logits_equal_learner(stage: int) -> None:
     group.sync_weights()
     torch.testing.assert_close(ray.get(engines[0].next_token_logits.remote(probe)),
                                group.next_token_logits(probe), atol=1e-5, rtol=1e-5)
+    if stage == 0:  # a peer that dies is named, and the sync fails within its timeout
+        import time
+
+        from cpe_ray.remote import RemoteError
+
+        _kill(engines[1])
+        start = time.monotonic()
+        with pytest.raises(RemoteError, match=r"weight sync: rollout 1 died"):
+            group.sync_weights()
+        assert time.monotonic() - start < cfg.learner.weight_sync_timeout_s + 5
     _kill(*group.actors, *engines)
 
 
