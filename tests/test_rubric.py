@@ -63,7 +63,7 @@ def test_announcing_background_and_repetition_cost_points() -> None:
 
 
 def test_length_rule_deducts_per_block_of_extra_words() -> None:
-    words = " ".join(("z" + a + b for a in "abcdefg" for b in "abcdefg"))[: 45 * 4 - 1]
+    words = " ".join("z" + a + b for a in "abcdefg" for b in "abcdefg")[: 45 * 4 - 1]
     s = _scores("cook a quick vegetarian dinner " + words)
     # 49 words ("a" is too short to count), 19 over 30 -> ceil(19 / 10) = 2 points off
     assert s["naturalness"] == 3.0
