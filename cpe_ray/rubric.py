@@ -23,9 +23,14 @@ from cpe_ray.grm import JudgeOutcome, parse_judgement
 from cpe_ray.judge import JudgeRequest, check_mode
 
 WORD = re.compile(r"[a-z][a-z']+")
-STOPWORDS = frozenset(
-    ["a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "for", "from", "has", "have", "how", "i", "in", "is", "it", "its", "me", "my", "of", "on", "or", "so", "that", "the", "their", "them", "they", "this", "to", "was", "what", "when", "which", "who", "why", "will", "with", "you", "your", "should", "would", "could", "about", "into", "than", "then", "there", "these", "those", "just", "also", "very", "more", "most", "some", "any", "all", "not", "no", "yes", "our", "we", "us", "he", "she", "his", "her", "who's", "i'm"]
-)
+STOPWORDS = frozenset((
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "for", "from", "has",
+    "have", "how", "i", "in", "is", "it", "its", "me", "my", "of", "on", "or", "so", "that",
+    "the", "their", "them", "they", "this", "to", "was", "what", "when", "which", "who", "why",
+    "will", "with", "you", "your", "should", "would", "could", "about", "into", "than", "then",
+    "there", "these", "those", "just", "also", "very", "more", "most", "some", "any", "all",
+    "not", "no", "yes", "our", "we", "us", "he", "she", "his", "her", "who's", "i'm",
+))
 MIN_CONTENT_LEN = 4  # shorter words are too generic to count as persona or question terms
 ANNOUNCE = re.compile(r"(considering|given|based on) your (background|persona|profile)")
 ANNOUNCE_PENALTY = 2.0  # the rubric's deduction for announcing the personalization
