@@ -218,6 +218,7 @@ class SyncGroup:
         except Exception as exc:  # DistStoreError, RuntimeError from the backend
             raise self._error("could not join", exc) from exc
         self._store = store  # the group reads through it; keep it alive
+        self.staging: list[torch.Tensor] = []  # reused by send_buckets / receive_buckets
 
     def _error(self, what: str, exc: BaseException) -> WeightSyncError:
         detail = " ".join(str(exc).split())[:300]
@@ -242,9 +243,26 @@ class SyncGroup:
             raise self._error(f"failed in {what}", exc) from exc
 
 
-def _buffers(manifest: Manifest, device: torch.device) -> list[torch.Tensor]:
+def _buffers(group: SyncGroup, manifest: Manifest) -> list[torch.Tensor]:
+    """The group's two staging buffers, kept across syncs: fresh pages cost a first touch
+    (0.2-0.3 s per GB on a CPU), which would otherwise be paid at every sync."""
     size = manifest.max_bucket_bytes
-    return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
+    if not group.staging or group.staging[0].numel() < size:
+        group.staging = [torch.empty(size, dtype=torch.uint8, device=group.device)
+                         for _ in range(2)]
+    return group.staging
+
+
+def _as_bytes(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bucket's bytes without packing, when it is exactly one contiguous tensor."""
+    if len(bucket.tensors) != 1:
+        return None
+    spec = bucket.tensors[0]
+    t = tensors[spec.name]
+    if (not t.is_contiguous() or tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype
+            or spec.offset != 0 or spec.nbytes == 0):
+        return None
+    return t.detach().reshape(-1).view(torch.uint8)
 
 
 def send_buckets(
@@ -258,13 +276,22 @@ def send_buckets(
     ZeRO-3 gathers the partitioned parameters on entry and frees them on exit.
     """
     start = time.perf_counter()
-    buffers = _buffers(manifest, group.device)
+    buffers = _buffers(group, manifest)
     pending = [None, None]
     for bucket in manifest.buckets:
         slot = bucket.index % 2
         if pending[slot] is not None:  # its buffer is still being sent
             group.wait(pending[slot], f"bucket {bucket.index - 2}")
         with fetch(bucket) as tensors:
+            direct = _as_bytes(bucket, tensors)
+            if direct is not None:
+                # A bucket of one contiguous tensor (a large embedding) goes out as it is,
+                # saving a copy of the biggest tensor; it is only valid inside fetch, so wait.
+                if direct.is_cuda:
+                    torch.cuda.current_stream().synchronize()
+                work = group.broadcast_async(direct, f"bucket {bucket.index}")
+                group.wait(work, f"bucket {bucket.index}")
+                continue
             flat = pack(bucket, tensors, buffers[slot])
         if flat.is_cuda:
             torch.cuda.current_stream().synchronize()  # NCCL's stream must see the packed bytes
@@ -283,7 +310,7 @@ def receive_buckets(
     """Engine ranks: receive every bucket and `load` its tensors (views valid during the call)."""
     start = time.perf_counter()
     buckets = manifest.buckets
-    buffers = _buffers(manifest, group.device)
+    buffers = _buffers(group, manifest)
     works: dict[int, Any] = {}
     if buckets:
         works[0] = group.broadcast_async(buffers[0][: buckets[0].nbytes], "bucket 0")
@@ -296,6 +323,42 @@ def receive_buckets(
             works[i + 1] = group.broadcast_async(buf, f"bucket {i + 1}")
         load(unpack(bucket, buffers[i % 2][: bucket.nbytes]))
     return SyncStats(len(buckets), manifest.total_bytes, time.perf_counter() - start)
+
+
+def adopt_buckets(
+    params: Mapping[str, torch.Tensor], manifest: Manifest, device: torch.device | str = "cpu"
+) -> list[torch.Tensor] | None:
+    """Move `params` into one flat buffer per bucket, laid out as the manifest says.
+
+    Afterwards each parameter's `.data` is a view into its bucket, so a bucket broadcast
+    received into that buffer *is* the load: no unpacking, no second copy. Returns the
+    buffers, or None (nothing changed) unless every manifest tensor names a parameter of the
+    same shape and dtype, as with an HF model receiving from a learner of the same model.
+    """
+    for bucket in manifest.buckets:
+        for spec in bucket.tensors:
+            p = params.get(spec.name)
+            if p is None or tuple(p.shape) != spec.shape or dtype_name(p.dtype) != spec.dtype:
+                return None
+    buffers = []
+    with torch.no_grad():
+        for bucket in manifest.buckets:
+            flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+            for name, view in unpack(bucket, flat):
+                view.copy_(params[name].data)
+                params[name].data = view
+            buffers.append(flat)
+    return buffers
+
+
+def receive_into(group: SyncGroup, manifest: Manifest, buffers: Sequence[torch.Tensor]
+                 ) -> SyncStats:
+    """Engine ranks whose parameters live in `adopt_buckets` buffers: receive in place."""
+    start = time.perf_counter()
+    works = [group.broadcast_async(buf, f"bucket {i}") for i, buf in enumerate(buffers)]
+    for i, work in enumerate(works):
+        group.wait(work, f"bucket {i}")
+    return SyncStats(len(manifest.buckets), manifest.total_bytes, time.perf_counter() - start)
 
 
 def share_cuda(tensor: torch.Tensor) -> tuple[Any, ...]:

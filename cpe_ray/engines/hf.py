@@ -35,8 +35,10 @@ from cpe_ray.weight_sync import (
     Manifest,
     SyncGroup,
     SyncStats,
+    adopt_buckets,
     open_cuda,
     receive_buckets,
+    receive_into,
     unpack,
 )
 
@@ -79,6 +81,8 @@ class HFEngine:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._params = dict(self.model.named_parameters())
         self._group: SyncGroup | None = None
+        self._adopted: list[torch.Tensor] | None = None
+        self._adopted_for: Manifest | None = None
         self._asleep = False
 
     def info(self) -> EngineInfo:
@@ -188,8 +192,15 @@ class HFEngine:
         self._group = SyncGroup(spec, first_rank, self.device)
 
     def receive_weights(self, manifest: Manifest) -> SyncStats:
+        """In place when the manifest matches this model (the parameters then live in the
+        bucket buffers and a received bucket needs no copy), else unpack and load."""
         if self._group is None:
             raise RuntimeError("receive_weights before join_weight_group")
+        if self._adopted_for != manifest:
+            self._adopted = adopt_buckets(self._params, manifest, self.device)
+            self._adopted_for = manifest
+        if self._adopted is not None:
+            return receive_into(self._group, manifest, self._adopted)
         return receive_buckets(self._group, manifest, self.load_weights)
 
     def load_ipc(self, handles: Mapping[str, Any], bucket: Bucket) -> None:
@@ -218,6 +229,7 @@ class HFEngine:
     def wake(self) -> None:
         if self.device.type == "cuda":
             self.model.to(self.device)
+            self._adopted = self._adopted_for = None  # .to() gave the parameters new storage
         self._params = dict(self.model.named_parameters())
         self._asleep = False
 
