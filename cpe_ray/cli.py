@@ -62,9 +62,32 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cpe_ray.config import load_config
+    from cpe_ray.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    run_dir = summary["run_dir"]
+    print(f"done: {summary['steps']} steps (resumed from step {summary['resumed_from']})")
+    print(f"  config        {run_dir}/config.yaml")
+    print(f"  metrics       {run_dir}/metrics.jsonl")
+    print(f"  samples       {run_dir}/samples.jsonl")
+    for ckpt in summary["checkpoints"][-1:]:
+        print(f"  checkpoint    {ckpt} (policy/ in HF format, state/ for resume)")
+    if cfg.logging.wandb_mode != "disabled":
+        print(f"  wandb         {run_dir}/wandb ({cfg.logging.wandb_mode})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpe-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train with Critique-Post-Edit PPO (CPU default: tiny)")
+    p.add_argument("--config", default=None, help="YAML file on top of the defaults")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=2")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("tiny-model", help="build the offline tiny Qwen2 model and tokenizer")
     p.add_argument("dir", help="output directory (Hugging Face format)")
