@@ -85,6 +85,9 @@ class PPOLearnerCore:
 
         self._ds = deepspeed
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
+        # The critic's value head is newly initialised: seed it, or two runs of one config
+        # (and a run and its resume) start from different critics.
+        torch.manual_seed(cfg.run.seed)
         self.model_path = resolve_model_path(cfg.policy.model_path)
         trust = cfg.policy.trust_remote_code
         self.tokenizer = load_tokenizer(self.model_path, trust)

@@ -52,7 +52,8 @@ def test_gpu_tensor_parallel_and_cpus_per_bundle() -> None:
 
 
 @pytest.mark.parametrize(("ranks", "engines", "tp", "bundles"),
-                         [(2, 3, 1, 3), (4, 1, 2, 4), (1, 2, 2, 4)])
+                         # on GPUs each engine GPU sits beside one learner rank (CUDA IPC)
+                         [(3, 3, 1, 3), (4, 2, 2, 4), (2, 1, 2, 2)])
 def test_colocated_pool_is_the_larger_side(ranks: int, engines: int, tp: int,
                                            bundles: int) -> None:
     p = plan("cluster.use_gpu=true", "cluster.colocate_learner_rollout=true",
