@@ -328,11 +328,7 @@ class PPOLearnerCore:
     def export_hf(self, path: str) -> None:
         """The policy as a Hugging Face model directory (rank 0 writes; all ranks call)."""
         module = self.policy.module
-        state: dict[str, torch.Tensor] = {}
-        for name, param in module.named_parameters():
-            with self._gathered([param]):
-                if self.rank == 0:
-                    state[name] = param.data.detach().cpu().clone()
+        state = self.policy_state()
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             module.save_pretrained(path, state_dict=state, safe_serialization=True)

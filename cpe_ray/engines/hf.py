@@ -118,16 +118,8 @@ class HFEngine:
         stop_ids: tuple[int, ...],
         gen: torch.Generator | None,
     ) -> list[tuple[list[int], list[float], str]]:
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = len(prompts)
+        ids, mask, positions = self._left_padded(prompts)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         next_pos = positions[:, -1:] + 1
         stop = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
@@ -168,16 +160,23 @@ class HFEngine:
     @torch.no_grad()
     def next_token_logits(self, prompt_token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Raw logits after each prompt, [B, V] on the CPU: for checks against the learner."""
-        batch, width = len(prompt_token_ids), max(len(p) for p in prompt_token_ids)
+        ids, mask, positions = self._left_padded(prompt_token_ids)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=False)
+        return out.logits[:, -1].float().cpu()
+
+    def _left_padded(self, prompts: Sequence[Sequence[int]]):
+        """(ids, attention mask, position ids) on the engine's device, prompts left-padded."""
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        batch, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompt_token_ids):
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(list(p))
             mask[r, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), use_cache=False)
-        return out.logits[:, -1].float().cpu()
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
     # --- weights --------------------------------------------------------------------------
     @torch.no_grad()
