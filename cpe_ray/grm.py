@@ -96,7 +96,8 @@ def _dimension_pattern(names: Sequence[str]) -> re.Pattern[str]:
         alternatives.append(r"[\s_\-]*".join(re.escape(w) for w in words if w))
     return re.compile(
         r"(?<![A-Za-z0-9_])(?:" + "|".join(alternatives) + r")"
-        r"[\s*_`]*(?:\([^)\n]*\))?[\s*_`]*[:=][\s*_`]*([+-]?\s?\d+(?:\.\d+)?)",
+        # a sign may stand one space or tab from its digits ("- 3"), never a line away
+        r"[\s*_`]*(?:\([^)\n]*\))?[\s*_`]*[:=][\s*_`]*([+-]?[ \t]?\d+(?:\.\d+)?)",
         re.IGNORECASE,
     )
 
@@ -139,7 +140,7 @@ def parse_judgement(
         if match is None:
             scores[dim] = None
             continue
-        value = float(match.group(1).replace(" ", ""))
+        value = float("".join(match.group(1).split()))
         if value < low or value > high:
             clamped = min(max(value, low), high)
             warnings.append(f"{dim} {value:g} out of [{low:g}, {high:g}], clamped to {clamped:g}")

@@ -129,6 +129,12 @@ def test_parser_never_raises_on_tag_soup(parts: list[str]) -> None:
     assert all(v is None or -5 <= v <= 5 for v in j.scores.values())
 
 
+def test_sign_a_line_away_from_its_digits_is_no_score() -> None:
+    """Found by the tag-soup property: "-", a newline, a full-width 5 once raised."""
+    j = parse_judgement("<scores>Helpfulness: -\n５\nPersonalization: -\t2\nNaturalness: - 3")
+    assert j.scores == {H: None, P: -2.0, N: -3.0} and not j.parsed
+
+
 def _j(h: float | None, p: float | None, n: float | None) -> Judgement:
     scores = {H: h, P: p, N: n}
     return Judgement(scores=scores, critique="", raw="", parsed=None not in scores.values())
