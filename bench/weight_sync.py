@@ -5,12 +5,17 @@ Run by hand: `python bench/weight_sync.py [--out bench/results/weight_sync.json]
 A sender actor (the learner's rank 0) and `--receivers` receiver actors (engine ranks) join
 one gloo `SyncGroup` on this machine. The weights are a Qwen2.5-0.5B-shaped set of bf16
 tensors (shapes from a `Qwen2Config` built on the meta device, values random): a transfer
-benchmark needs the real sizes and names, not a forward pass. Three ways move them:
+benchmark needs the real sizes and names, not a forward pass. Five ways move them:
 - ceiling: one broadcast of a single preallocated buffer of the same total size;
-- bucketed: `send_buckets` / `receive_buckets` with a manifest, receivers `copy_` into their
-  parameters (what engines do); one RPC per actor per sync;
+- zero_copy: both ends' parameters adopted into bucket buffers (`adopt_buckets`), each bucket
+  broadcast from and into them: the CPU default (ZeRO-0 float32 learner, HF engines);
+- in_place: the sender packs each bucket (a ZeRO-3 or bf16 learner), receivers' parameters
+  are the bucket buffers (HF engines);
+- bucketed: the sender packs, receivers unpack and `copy_` into their parameters (what vLLM's
+  `load_weights` does, on a GPU);
 - per_param: what OpenRLHF-style peers do, per parameter one RPC to every receiver (name,
   dtype, shape), one broadcast of that tensor, and a load on the receiver.
+Every way but per_param is one RPC per actor per sync.
 Each is timed on the driver around the whole sync, `--repeats` times; ratios use medians.
 """
 
@@ -69,6 +74,9 @@ class Peer:
             n: (torch.randn(s, generator=gen) if rank == 0 else torch.zeros(s)).to(
                 dtype_from_name(d)) for n, s, d in shapes
         }
+        # the sender's parameters again, adopted into bucket buffers at the first zero_copy
+        self.source = {n: t.clone() for n, t in self.params.items()} if rank == 0 else None
+        self.source_adopted = False
         self.group: SyncGroup | None = None
         self.flat: torch.Tensor | None = None
         self.adopted: list[torch.Tensor] | None = None
@@ -92,9 +100,25 @@ class Peer:
         if self.rank == 0:
             send_buckets(self.group, manifest, lambda b: nullcontext(self.params))
             return
+        self._receive_in_place(manifest)
+
+    def zero_copy(self, manifest) -> None:
+        """Both ends adopted: the sender broadcasts its parameters' own buffers."""
+        if self.rank == 0:
+            if not self.source_adopted:
+                self.source_adopted = adopt_buckets(self.source, manifest) is not None
+            send_buckets(self.group, manifest, lambda b: nullcontext(self.source),
+                         persistent=True)
+            return
+        self._receive_in_place(manifest)
+
+    def _receive_in_place(self, manifest) -> None:
         if self.adopted is None:
             self.adopted = adopt_buckets(self.params, manifest)
         receive_into(self.group, manifest, self.adopted)
+
+    def sent_without_packing(self) -> bool:
+        return self.source_adopted
 
     def _load(self, named) -> None:
         for name, tensor in named:
@@ -111,6 +135,12 @@ class Peer:
 
     def checksum(self) -> float:
         return float(sum(t.float().sum() for t in self.params.values()))
+
+    def clear(self) -> None:
+        """Receivers forget what they got (in place: adopted buffers stay adopted)."""
+        if self.rank != 0:
+            for t in self.params.values():
+                t.zero_()
 
 
 def _timed(fn) -> float:
@@ -147,19 +177,29 @@ def main() -> None:
     def in_place():
         ray.get([p.in_place.remote(manifest) for p in peers])
 
+    def zero_copy():
+        ray.get([p.zero_copy.remote(manifest) for p in peers])
+
     def per_param():
         for name, shape, dtype in shapes:
             ray.get([p.one.remote(name, dtype, shape) for p in peers])
 
-    methods = {"ceiling": ceiling, "bucketed": bucketed, "in_place": in_place,
-               "per_param": per_param}
+    methods = {"ceiling": ceiling, "zero_copy": zero_copy, "in_place": in_place,
+               "bucketed": bucketed, "per_param": per_param}
+    ours = ("zero_copy", "in_place", "bucketed")
     samples: dict[str, list[float]] = {k: [] for k in methods}
     ceiling()  # warm the connections once
-    in_place()  # and adopt the receivers' parameters into bucket buffers (once per engine)
+    zero_copy()  # and adopt the parameters into bucket buffers (once per engine / learner)
     for _ in range(args.repeats):
         for name, fn in methods.items():
             samples[name].append(_timed(fn))
-    sums = ray.get([p.checksum.remote() for p in peers])
+    # untimed: each way, from receivers holding zeros, must deliver the sender's weights
+    matches = {}
+    for name in ours + ("per_param",):
+        ray.get([p.clear.remote() for p in peers])
+        methods[name]()
+        sums = ray.get([p.checksum.remote() for p in peers])
+        matches[name] = all(abs(s - sums[0]) < 1e-3 * max(1.0, abs(sums[0])) for s in sums[1:])
     median = {k: statistics.median(v) for k, v in samples.items()}
     total = manifest.total_bytes
     result = {
@@ -171,14 +211,13 @@ def main() -> None:
         "seconds_median": median,
         "seconds_samples": samples,
         "gb_per_s": {k: total / v / 1e9 for k, v in median.items()},
-        # in_place is the HF engine's path; bucketed (unpack + copy) is vLLM's
-        "ratio_of_ceiling": {k: median["ceiling"] / median[k] for k in ("in_place", "bucketed")},
-        "speedup_vs_per_param": {k: median["per_param"] / median[k]
-                                 for k in ("in_place", "bucketed")},
+        # zero_copy: CPU default; in_place: packing learner to HF engines; bucketed: vLLM's
+        "ratio_of_ceiling": {k: median["ceiling"] / median[k] for k in ours},
+        "speedup_vs_per_param": {k: median["per_param"] / median[k] for k in ours},
+        "sender_sent_without_packing": ray.get(peers[0].sent_without_packing.remote()),
         "targets": {"ratio_of_ceiling": TARGET_CEILING_RATIO,
                     "speedup_vs_per_param": TARGET_SPEEDUP},
-        "receivers_match_sender": all(abs(s - sums[0]) < 1e-3 * max(1.0, abs(sums[0]))
-                                      for s in sums[1:]),
+        "receivers_match_sender": matches,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "notes": "weights are random bf16 tensors with Qwen2.5-0.5B's names and shapes; "
@@ -196,7 +235,7 @@ def main() -> None:
           f"{len(manifest.buckets)} buckets, {len(shapes)} tensors")
     for k, v in median.items():
         print(f"  {k:10s} {v:7.3f} s  {total / v / 1e9:6.2f} GB/s")
-    for k in ("in_place", "bucketed"):
+    for k in ours:
         print(f"  {k}: {result['ratio_of_ceiling'][k]:.2f} of the ceiling (target "
               f"{TARGET_CEILING_RATIO}), {result['speedup_vs_per_param'][k]:.2f}x the "
               f"per-parameter loop (target {TARGET_SPEEDUP}x)")

@@ -5,7 +5,9 @@ NCCL on GPU), independent of DeepSpeed's default group, whose other ranks are th
 workers. The manifest (which tensor lives at which byte offset of which bucket) is built
 once from names, shapes and dtypes and handed to every receiver; afterwards each bucket is
 one flat uint8 broadcast, unpacked into views and loaded. Sender and receiver keep two
-buckets in flight so that packing or loading one overlaps the transfer of the next. Where a
+buckets in flight so that packing or loading one overlaps the transfer of the next. Where
+parameters already live in bucket-shaped buffers (`adopt_buckets`: the HF engine always, the
+CPU learner at ZeRO-0 in float32), those buffers are broadcast as they are, with no copy. Where a
 learner and an engine share a GPU, `share_cuda`/`open_cuda` pass a packed bucket by CUDA IPC
 handle instead. Every failure becomes a `WeightSyncError` naming the group, rank and bucket.
 """
@@ -253,52 +255,69 @@ def _buffers(group: SyncGroup, manifest: Manifest) -> list[torch.Tensor]:
     return group.staging
 
 
-def _as_bytes(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """The bucket's bytes without packing, when it is exactly one contiguous tensor."""
-    if len(bucket.tensors) != 1:
+def bucket_view(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bucket's bytes without packing, when its tensors already lie in one storage at
+    the manifest's offsets (parameters adopted by `adopt_buckets`, or a bucket of one
+    contiguous tensor); else None."""
+    if not bucket.tensors or bucket.nbytes == 0:
         return None
-    spec = bucket.tensors[0]
-    t = tensors[spec.name]
-    if (not t.is_contiguous() or tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype
-            or spec.offset != 0 or spec.nbytes == 0):
+    first = tensors[bucket.tensors[0].name]
+    storage = first.untyped_storage()
+    base = first.data_ptr() - bucket.tensors[0].offset
+    for spec in bucket.tensors:
+        t = tensors[spec.name]
+        if (not t.is_contiguous() or tuple(t.shape) != spec.shape
+                or dtype_name(t.dtype) != spec.dtype or t.device != first.device
+                or t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.data_ptr() != base + spec.offset):
+            return None
+    start = base - storage.data_ptr()
+    if start < 0 or start + bucket.nbytes > storage.nbytes():
         return None
-    return t.detach().reshape(-1).view(torch.uint8)
+    flat = torch.empty(0, dtype=torch.uint8, device=first.device)
+    return flat.set_(storage, start, (bucket.nbytes,))
 
 
 def send_buckets(
     group: SyncGroup,
     manifest: Manifest,
     fetch: Callable[[Bucket], AbstractContextManager[Mapping[str, torch.Tensor]]],
+    persistent: bool = False,
 ) -> SyncStats:
     """Rank 0: pack and broadcast every bucket.
 
     `fetch(bucket)` is a context manager giving the bucket's tensors by name, valid inside it:
-    ZeRO-3 gathers the partitioned parameters on entry and frees them on exit.
+    ZeRO-3 gathers the partitioned parameters on entry and frees them on exit. `persistent`
+    says the tensors outlive `fetch` (nothing was gathered): a bucket that needs no packing
+    (see `bucket_view`) is then sent straight from them without waiting, so a sender whose
+    parameters were adopted into bucket buffers sends every bucket at once, copying nothing.
     """
     start = time.perf_counter()
-    buffers = _buffers(group, manifest)
-    pending = [None, None]
+    buffers: list[torch.Tensor] = []  # staging, allocated only if some bucket needs packing
+    pending = [None, None]  # packed buckets in flight, by staging buffer
+    direct: list[Any] = []  # unpacked persistent buckets in flight
     for bucket in manifest.buckets:
         slot = bucket.index % 2
-        if pending[slot] is not None:  # its buffer is still being sent
-            group.wait(pending[slot], f"bucket {bucket.index - 2}")
         with fetch(bucket) as tensors:
-            direct = _as_bytes(bucket, tensors)
-            if direct is not None:
-                # A bucket of one contiguous tensor (a large embedding) goes out as it is,
-                # saving a copy of the biggest tensor; it is only valid inside fetch, so wait.
-                if direct.is_cuda:
+            view = bucket_view(bucket, tensors)
+            if view is not None:
+                if view.is_cuda:
                     torch.cuda.current_stream().synchronize()
-                work = group.broadcast_async(direct, f"bucket {bucket.index}")
-                group.wait(work, f"bucket {bucket.index}")
+                work = group.broadcast_async(view, f"bucket {bucket.index}")
+                if persistent:
+                    direct.append((work, bucket.index))
+                else:  # a gathered tensor is freed when fetch exits: finish sending it first
+                    group.wait(work, f"bucket {bucket.index}")
                 continue
+            if pending[slot] is not None:  # its buffer is still being sent
+                group.wait(pending[slot][0], f"bucket {pending[slot][1]}")
+            buffers = buffers or _buffers(group, manifest)
             flat = pack(bucket, tensors, buffers[slot])
         if flat.is_cuda:
             torch.cuda.current_stream().synchronize()  # NCCL's stream must see the packed bytes
-        pending[slot] = group.broadcast_async(flat, f"bucket {bucket.index}")
-    for i, work in enumerate(pending):
-        if work is not None:
-            group.wait(work, f"final bucket slot {i}")
+        pending[slot] = (group.broadcast_async(flat, f"bucket {bucket.index}"), bucket.index)
+    for work, index in direct + [p for p in pending if p is not None]:
+        group.wait(work, f"bucket {index}")
     return SyncStats(len(manifest.buckets), manifest.total_bytes, time.perf_counter() - start)
 
 

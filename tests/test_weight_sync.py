@@ -31,6 +31,7 @@ from cpe_ray.weight_sync import (
     TensorSpec,
     WeightSyncError,
     adopt_buckets,
+    bucket_view,
     dtype_from_name,
     dtype_name,
     free_port,
@@ -436,6 +437,48 @@ def test_gloo_receive_into_adopted_parameters_twice() -> None:
             x16 = x.to(torch.bfloat16)
             want = learner[1](learner[0](x16).float())
             assert torch.equal(net[1](net[0](x16).float()), want)
+
+
+def test_bucket_view_finds_adopted_buckets_and_lone_tensors_only() -> None:
+    net = _net(0)
+    params = dict(net.named_parameters())
+    m = manifest_for(net.named_parameters(), bucket_bytes=1024)
+    lone = [b for b in m.buckets if len(b.tensors) == 1 and b.tensors[0].nbytes > 1024]
+    shared = [b for b in m.buckets if len(b.tensors) > 1]
+    assert lone and shared
+    assert bucket_view(lone[0], params) is not None  # one contiguous tensor: no packing
+    assert bucket_view(shared[0], params) is None  # separate tensors: must be packed
+    buffers = adopt_buckets(params, m)
+    assert buffers is not None
+    for bucket, flat in zip(m.buckets, buffers, strict=True):
+        view = bucket_view(bucket, params)
+        assert view is not None and view.data_ptr() == flat.data_ptr()
+        assert view.numel() == bucket.nbytes and torch.equal(view, flat)
+    # a tensor out of its manifest place (a copy) makes the bucket packable only
+    moved = dict(params, **{shared[0].tensors[-1].name:
+                            params[shared[0].tensors[-1].name].detach().clone()})
+    assert bucket_view(shared[0], moved) is None
+
+
+def test_adopted_sender_sends_in_place_without_staging() -> None:
+    learner, engine = _net(1), _net(0)
+    m = manifest_for(learner.named_parameters(), bucket_bytes=1024)
+    assert adopt_buckets(dict(learner.named_parameters()), m) is not None
+    received = adopt_buckets(dict(engine.named_parameters()), m)
+    groups = _join(_spec(2))
+    for round_ in range(2):
+        with torch.no_grad():  # an optimiser step writes through the adopted views
+            for p in learner.parameters():
+                p.mul_(1.5).add_(round_)
+        results, _ = _run_ranks([
+            lambda: send_buckets(groups[0], m, lambda b: nullcontext(
+                dict(learner.named_parameters())), persistent=True),
+            lambda: receive_into(groups[1], m, received),
+        ])
+        _ok(results)
+        assert all(_same(e.detach(), p.detach()) for e, p in
+                   zip(engine.parameters(), learner.parameters(), strict=True)), round_
+    assert groups[0].staging == []  # nothing was packed
 
 
 def test_gloo_sync_of_empty_buckets_and_empty_manifest() -> None:
