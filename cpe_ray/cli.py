@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="JSONL file, or the PersonaFeedback root folder")
     p.add_argument("--on-bad", choices=("error", "skip"), default="error")
     p.set_defaults(func=_cmd_data_check)
+
+    from cpe_ray.evaluation.cli import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 
