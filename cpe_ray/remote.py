@@ -70,6 +70,9 @@ def wait_all(
             failures.append((False, f"{what}: {label} failed: {detail}", exc))
         except ray.exceptions.RayActorError as exc:
             failures.append((True, f"{what}: {label} died ({type(exc).__name__})", exc))
+        except ray.exceptions.RayError as exc:  # e.g. RuntimeEnvSetupError: never started
+            detail = " ".join(str(exc).split())[:400]
+            failures.append((True, f"{what}: {label} could not run: {detail}", exc))
     if failures:
         # A dead actor is the root cause of its peers' errors (a broken collective): name it.
         failures.sort(key=lambda f: not f[0])

@@ -1,7 +1,7 @@
 """`python -m launch.train [--config FILE] [key=value ...]`: the `ray job submit` entrypoint.
 
-The same code as `cpe-ray train`; with `cluster.address=auto` it joins the cluster that the
-job runs on.
+The same code as `cpe-ray train`. As a Ray job's driver it joins the job's cluster unless
+`cluster.address` says otherwise (`cpe_ray.run.ray_address`).
 """
 
 from __future__ import annotations
