@@ -19,6 +19,7 @@ import torch
 from cpe_ray.config import Config
 from cpe_ray.experience import Experience, split_even
 from cpe_ray.learner import PPOLearnerCore, TrainShard, reduce_metrics
+from cpe_ray.pipeline import Pending
 from cpe_ray.remote import actor_env, threads_per_actor, wait_all
 from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats, free_port
 
@@ -83,8 +84,8 @@ class PPOLearner:
     def weight_manifest(self) -> Manifest:
         return self.core.weight_manifest()
 
-    def join_weight_group(self, spec: GroupSpec) -> None:
-        self.core.join_weight_group(spec)
+    def join_weight_group(self, spec: GroupSpec, manifest: Manifest) -> bool:
+        return self.core.join_weight_group(spec, manifest)
 
     def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
         return self.core.broadcast_weights(manifest)
@@ -122,6 +123,7 @@ class LearnerGroup:
         self.labels = [f"learner rank {r}" for r in range(n)]
         self._manifest: Manifest | None = None
         self._engines: list[Any] = []
+        self.zero_copy_send = False  # rank 0's parameters live in the bucket buffers
 
     def setup(self) -> list[dict[str, Any]]:
         timeout = self.cfg.learner.dist_timeout_s
@@ -142,11 +144,18 @@ class LearnerGroup:
     def _num_micro(self, rows_per_rank: list[int]) -> int:
         return max(1, math.ceil(max(rows_per_rank) / self.cfg.learner.micro_batch_size))
 
-    def _per_row(self, method: str, exp: Experience) -> torch.Tensor:
+    def submit_per_row(self, method: str, exp: Experience) -> Pending:
+        """Start a per-row forward (`compute_logprobs`, `compute_ref_logprobs`,
+        `compute_values`) over the ranks; its result is one [B, R] tensor."""
         shards = [exp.select(rows) for rows in split_even(len(exp), self.world)]
         k = self._num_micro([len(s) for s in shards])
-        parts = self._call(method, [(s, k) for s in shards], method)
-        return torch.cat(parts)
+        refs = [getattr(a, method).remote(s, k) for a, s in zip(self.actors, shards, strict=True)]
+        return Pending(refs, list(self.labels), method, combine=torch.cat)
+
+    def _per_row(self, method: str, exp: Experience) -> torch.Tensor:
+        pending = self.submit_per_row(method, exp)
+        return pending.combine(wait_all(pending.refs, pending.labels,
+                                        self.cfg.learner.dist_timeout_s, method))
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         return self._per_row("compute_logprobs", exp)
@@ -204,8 +213,9 @@ class LearnerGroup:
                 raise ValueError("CUDA IPC sync needs one learner rank per engine GPU")
             self._engines, self._engine_labels = list(engines), list(engine_labels)
             return self._manifest
-        ranks = wait_all([e.sync_ranks.remote() for e in engines], engine_labels, timeout,
-                         "engine sync ranks")
+        # Asking an engine is also waiting for it to finish loading: a start-up, not a sync.
+        ranks = wait_all([e.sync_ranks.remote() for e in engines], engine_labels,
+                         self.cfg.learner.dist_timeout_s, "engine sync ranks")
         host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
                               "sync address")[0]
         spec = GroupSpec(
@@ -213,10 +223,12 @@ class LearnerGroup:
             world_size=1 + sum(ranks), timeout_s=timeout,
         )
         firsts = [1 + sum(ranks[:i]) for i in range(len(engines))]
-        futures = [self.actors[0].join_weight_group.remote(spec)]
+        futures = [self.actors[0].join_weight_group.remote(spec, self._manifest)]
         futures += [e.join_weight_group.remote(spec, f) for e, f in zip(engines, firsts,
                                                                        strict=True)]
-        wait_all(futures, self.labels[:1] + engine_labels, timeout + 1, "join weight-sync group")
+        joined = wait_all(futures, self.labels[:1] + engine_labels, timeout + 1,
+                          "join weight-sync group")
+        self.zero_copy_send = bool(joined[0])
         self._engines, self._engine_labels = list(engines), list(engine_labels)
         return self._manifest
 

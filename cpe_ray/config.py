@@ -110,9 +110,10 @@ class GRMConfig:
     gpu_memory_utilization: float = _f(0.9, gt=0, le=1)
     api: GRMApiConfig = field(default_factory=GRMApiConfig)
     # backend=rubric only: the length rule in words (method.md 2 uses 300-400 tokens)
-    rubric_min_words: int = _f(8, ge=0)
-    rubric_max_words: int = _f(30, ge=1)
-    rubric_words_per_point: int = _f(10, ge=1)
+    # (scaled to the tiny model's 48-token answers: most of the budget in real words)
+    rubric_min_words: int = _f(24, ge=0)
+    rubric_max_words: int = _f(40, ge=1)
+    rubric_words_per_point: int = _f(3, ge=1)
 
 
 @dataclass
@@ -153,8 +154,10 @@ class LearnerConfig:
     num_ranks: int = _f(1, ge=1)
     zero_stage: int = _f(0, choices=(0, 1, 2, 3))
     offload: bool = False
-    actor_lr: float = _f(1e-5, gt=0)
-    critic_lr: float = _f(1e-4, gt=0)
+    # The tiny model's rates: 1e-5 moved its reward by nothing measurable in 16 steps, 1e-3
+    # by +0.2 (the paper's 7B uses 1e-6 / 1e-5: conf/experiment/).
+    actor_lr: float = _f(1e-3, gt=0)
+    critic_lr: float = _f(1e-3, gt=0)
     weight_decay: float = _f(0.0, ge=0)
     warmup_steps: int = _f(0, ge=0)
     max_grad_norm: float = _f(1.0, gt=0)
@@ -178,6 +181,9 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     rollout_batch_size: int = _f(8, ge=1)  # prompts per step
+    # Prompt chunks per rollout engine and step: with more than one, the GRM critiques and
+    # scores a chunk's answers while the engine still generates the next (smaller batches).
+    chunks_per_engine: int = _f(1, ge=1)
     total_epochs: int = _f(1, ge=1)
     max_steps: int | None = _f(None, ge=1)  # None: run total_epochs over the data
     save_every: int = _f(0, ge=0)  # 0: only at the end
@@ -195,6 +201,50 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalApiConfig:
+    """An OpenAI-compatible endpoint for judging (and optionally answering) in evaluations."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name; the key itself never enters config
+    timeout_s: float = _f(60.0, gt=0)
+    max_retries: int = _f(5, ge=0)  # per request, on timeouts, connection errors, 408/409/429/5xx
+    backoff_initial_s: float = _f(1.0, gt=0)  # exponential back-off with jitter between retries
+    backoff_max_s: float = _f(30.0, gt=0)
+    max_concurrency: int = _f(8, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    """`cpe-ray eval winrate | personafeedback | personamem` (cpe_ray/evaluation/)."""
+
+    output_dir: str = "outputs/eval"  # each command writes <output_dir>/<command>/
+    model_path: str | None = None  # None: policy.model_path; a checkpoint dir holding policy/ works
+    model_name: str | None = None  # generator name in the outputs; None: from the model path
+    prompts_path: str = "data/demo/eval.jsonl"
+    baseline_path: str | None = "data/demo/eval_baseline.jsonl"
+    answers_path: str | None = None  # judge these answers (alpaca_eval format), not generated
+    limit: int | None = _f(None, ge=1)  # evaluate only the first N prompts / cases / questions
+    max_new_tokens: int = _f(256, ge=1)
+    temperature: float = _f(0.0, ge=0)  # 0: greedy answers
+    max_prompt_tokens: int = _f(4096, ge=1)  # longer prompts keep their end (PersonaMem histories)
+    judge: str = _f("grm", choices=("grm", "openai", "hf", "length"))
+    judge_model_path: str | None = None  # judge=hf: a local judge model
+    judge_template: str = "pairwise_en.txt"
+    judge_max_new_tokens: int = _f(512, ge=1)
+    judge_temperature: float = _f(0.0, ge=0)
+    max_parse_retries: int = _f(2, ge=0)  # re-ask a sampled judge whose verdict did not parse
+    both_orders: bool = True  # judge (model, baseline) and (baseline, model): no position bias
+    score_answers: bool = True  # GRM reward of every evaluated answer, for reward-vs-length plots
+    personafeedback_path: str = "data/demo/personafeedback"
+    personafeedback_judge: str = _f("grm", choices=("grm", "pairwise"))
+    personamem_questions_path: str = "data/demo/personamem/questions.csv"
+    personamem_contexts_path: str = "data/demo/personamem/shared_contexts.jsonl"
+    personamem_answerer: str = _f("policy", choices=("policy", "openai"))
+    api: EvalApiConfig = field(default_factory=EvalApiConfig)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -207,6 +257,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -428,3 +479,19 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
                f"({r.num_engines * r.tensor_parallel_size}) = learner.num_ranks ({le.num_ranks})")
     if t.resume not in RESUME_KEYWORDS and not t.resume.strip():
         yield "trainer.resume is empty; use never, auto or a checkpoint path"
+    yield from _eval_problems(cfg.eval)
+
+
+def _eval_problems(e: EvalConfig) -> Iterable[str]:
+    a = e.api
+    if not a.api_key_env.isidentifier() or keyword.iskeyword(a.api_key_env):
+        yield f"eval.api.api_key_env = {a.api_key_env!r} is not an environment variable name"
+    if a.backoff_initial_s > a.backoff_max_s:
+        yield (f"eval.api.backoff_initial_s ({a.backoff_initial_s:g}) must not exceed "
+               f"eval.api.backoff_max_s ({a.backoff_max_s:g})")
+    for key, value in (("eval.judge", e.judge), ("eval.personamem_answerer",
+                                                  e.personamem_answerer)):
+        if value == "openai" and not (a.base_url and a.model):
+            yield f"{key}=openai needs eval.api.base_url and eval.api.model"
+    if e.judge == "hf" and not e.judge_model_path:
+        yield "eval.judge=hf needs eval.judge_model_path (a local judge model)"

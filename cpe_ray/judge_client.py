@@ -14,6 +14,8 @@ from cpe_ray.errors import ConfigError
 from cpe_ray.experience import split_even
 from cpe_ray.grm import JudgeOutcome
 from cpe_ray.judge import JudgeRequest, check_mode
+from cpe_ray.pipeline import Pending, concat
+from cpe_ray.remote import wait_all
 
 SUPPORTED_BACKENDS = ("rubric", "hf", "vllm")
 
@@ -39,25 +41,22 @@ class JudgeClient:
         elif not self.actors:
             raise ValueError(f"grm.backend={cfg.grm.backend} needs GRM actors")
 
-    def submit(self, requests: Sequence[JudgeRequest], mode: str, seed: int) -> Any:
-        """Start judging; `result(handle)` collects. Lets the caller overlap other work."""
+    def submit(self, requests: Sequence[JudgeRequest], mode: str, seed: int) -> Pending:
+        """Start judging: work in flight that yields one outcome per request, in order."""
         check_mode(mode)
+        what = f"GRM judging ({mode})"
         if self.local is not None:
-            return ("local", self.local.judge(requests, mode, seed))
-        parts = split_even(len(requests), len(self.actors))
-        futures = [a.judge.remote([requests[i] for i in rows], mode, seed * len(parts) + k)
-                   for k, (a, rows) in enumerate(zip(self.actors, parts, strict=True))]
-        return ("remote", futures)
-
-    def result(self, handle: Any) -> list[JudgeOutcome]:
-        kind, value = handle
-        if kind == "local":
-            return value
-        from cpe_ray.remote import wait_all
-
-        parts = wait_all(value, self.labels, self.cfg.learner.dist_timeout_s, "GRM judging")
-        return [o for part in parts for o in part]
+            return Pending.done(self.local.judge(requests, mode, seed), what)
+        parts = [rows for rows in split_even(len(requests), len(self.actors)) if rows]
+        refs = [a.judge.remote([requests[i] for i in rows], mode, seed * len(self.actors) + k)
+                for k, (a, rows) in enumerate(zip(self.actors, parts, strict=False))]
+        return Pending(refs, self.labels[: len(refs)], what, combine=concat)
 
     def judge(self, requests: Sequence[JudgeRequest], mode: str, seed: int
               ) -> list[JudgeOutcome]:
-        return self.result(self.submit(requests, mode, seed))
+        """Judge and wait (for callers with nothing to overlap)."""
+        pending = self.submit(requests, mode, seed)
+        if not pending.refs:
+            return pending.value
+        return pending.combine(wait_all(pending.refs, pending.labels,
+                                        self.cfg.learner.dist_timeout_s, pending.what))

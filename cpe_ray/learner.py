@@ -33,6 +33,7 @@ from cpe_ray.weight_sync import (
     Manifest,
     SyncGroup,
     SyncStats,
+    adopt_buckets,
     pack,
     plan_manifest,
     send_buckets,
@@ -75,6 +76,20 @@ def reduce_metrics(parts: list[dict[str, tuple[float, float]]]) -> dict[str, flo
             totals[key][0] += s
             totals[key][1] += w
     return {k: s / w for k, (s, w) in totals.items() if w > 0}
+
+
+def _keep_fp32_clip_norm(engine) -> None:
+    """DeepSpeed's plain fp32 path (no ZeRO, no fp16/bf16 optimizer) clips the gradients in
+    `clip_fp32_gradients` but drops the norm, so `get_global_grad_norm()` stays None: the
+    same clip, keeping the norm where the other paths keep theirs."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = float(clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu))
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
 
 
 class PPOLearnerCore:
@@ -142,6 +157,8 @@ class PPOLearnerCore:
         engine, *_ = self._ds.initialize(
             model=model, model_parameters=params, config=conf, lr_scheduler=schedule
         )
+        if self.cfg.learner.zero_stage == 0 and self.cfg.policy.dtype == "float32":
+            _keep_fp32_clip_norm(engine)
         return engine
 
     # --- forward passes -----------------------------------------------------------------
@@ -351,9 +368,19 @@ class PPOLearnerCore:
             entries.append((name, shape, p.dtype))
         return plan_manifest(entries, int(self.cfg.learner.weight_sync_bucket_mb * MB))
 
-    def join_weight_group(self, spec: GroupSpec) -> None:
-        if self.rank == 0:
-            self._sync_group = SyncGroup(spec, 0, self.device)
+    def join_weight_group(self, spec: GroupSpec, manifest: Manifest) -> bool:
+        """Rank 0 joins; True if the policy's parameters now live in the bucket buffers."""
+        if self.rank != 0:
+            return False
+        self._sync_group = SyncGroup(spec, 0, self.device)
+        # At ZeRO-0 in float32 DeepSpeed updates the parameters where they are (its fp16/bf16
+        # optimizers and ZeRO-1/2 flatten them into buffers of their own, which adopting
+        # would cut off from the updates): lay them out as the buckets, so a sync sends them
+        # without packing. adopt_buckets changes nothing if any shape or dtype disagrees.
+        if self.cfg.learner.zero_stage == 0 and self.cfg.policy.dtype == "float32":
+            params = dict(self.policy.module.named_parameters())
+            return adopt_buckets(params, manifest, self.device) is not None
+        return False
 
     def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
         params = dict(self.policy.module.named_parameters())
@@ -367,7 +394,7 @@ class PPOLearnerCore:
         if self.rank == 0:
             if self._sync_group is None:
                 raise RuntimeError("broadcast_weights before join_weight_group")
-            return send_buckets(self._sync_group, manifest, fetch)
+            return send_buckets(self._sync_group, manifest, fetch, persistent=not self.zero3)
         for bucket in manifest.buckets:  # ZeRO-3: every rank must enter each gather
             with fetch(bucket):
                 pass

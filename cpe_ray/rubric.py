@@ -2,13 +2,16 @@
 
 It scores the three rubric dimensions from what is visible in the text and writes a
 critique naming what to change, in the GRM's tagged format so the same parser reads it:
-- personalization: how many of the persona's content words the answer uses, minus the
-  rubric's deduction for announcing it ("considering your background");
-- helpfulness: how many of the question's content words the answer addresses;
-- naturalness: how little the answer repeats itself (distinct words, repeated bigrams);
+- personalization: 0 for a generic answer, plus points per persona content word the answer
+  uses, minus the rubric's deduction for announcing it ("considering your background");
+- helpfulness: 0 plus points per question content word the answer addresses;
+- naturalness: how fluent the text is (the share of its words that are distinct, times the
+  share of its whitespace-separated chunks that are words at all), minus repeated bigrams;
 - the length rule of method.md 2, in words: one point off helpfulness and naturalness per
   `grm.rubric_words_per_point` words beyond `grm.rubric_max_words`, and off helpfulness per
   as many words short of `grm.rubric_min_words`.
+Generic answers sit at 0, not at the floor, so that the length rule and fluency still
+separate them: a policy that starts from noise (the tiny model) gets a reward it can climb.
 It is not a model of preference; it only gives the CPU default a signal that a policy can
 learn from and a critique a policy can follow.
 """
@@ -23,6 +26,8 @@ from cpe_ray.grm import JudgeOutcome, parse_judgement
 from cpe_ray.judge import JudgeRequest, check_mode
 
 WORD = re.compile(r"[a-z][a-z']+")
+# A whitespace-separated chunk that reads as a word: letters, maybe one closing punctuation.
+WORDLIKE = re.compile(r"[A-Za-z][A-Za-z'-]*[.,;:!?]?")
 STOPWORDS = frozenset((
     "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "do", "for", "from", "has",
     "have", "how", "i", "in", "is", "it", "its", "me", "my", "of", "on", "or", "so", "that",
@@ -35,6 +40,7 @@ MIN_CONTENT_LEN = 4  # shorter words are too generic to count as persona or ques
 ANNOUNCE = re.compile(r"(considering|given|based on) your (background|persona|profile)")
 ANNOUNCE_PENALTY = 2.0  # the rubric's deduction for announcing the personalization
 POINTS_PER_TERM = 2.0  # each distinct persona / question term used raises the score this much
+NEUTRAL = 0.0  # helpfulness and personalization of an answer that uses no term at all
 SHOWN_TERMS = 3  # terms named in a critique
 
 
@@ -43,8 +49,18 @@ def content_words(text: str) -> list[str]:
             if len(w) >= MIN_CONTENT_LEN and w not in STOPWORDS]
 
 
-def _scale(hits: int, lo: float, hi: float) -> float:
-    return min(hi, lo + POINTS_PER_TERM * hits)
+def _points(hits: int, hi: float) -> float:
+    return min(hi, NEUTRAL + POINTS_PER_TERM * hits)
+
+
+def fluency(text: str) -> float:
+    """In [0, 1]: distinct-word share times the share of chunks that are words at all."""
+    words = WORD.findall(text.lower())
+    chunks = text.split()
+    if not words or not chunks:
+        return 0.0
+    wordlike = sum(bool(WORDLIKE.fullmatch(c)) for c in chunks) / len(chunks)
+    return len(set(words)) / len(words) * wordlike
 
 
 class RubricJudge:
@@ -74,7 +90,7 @@ class RubricJudge:
         q_hits = [t for t in question_terms if t in used]
         notes: list[str] = []
 
-        personalization = _scale(len(p_hits), self.lo, self.hi)
+        personalization = _points(len(p_hits), self.hi)
         if ANNOUNCE.search(req.answer.lower()):
             personalization -= ANNOUNCE_PENALTY
             notes.append("Do not announce that you considered the user's background; show it.")
@@ -82,17 +98,19 @@ class RubricJudge:
         if missing_p and personalization < self.hi:
             notes.append("Tie the answer to the user: draw on " + ", ".join(missing_p) + ".")
 
-        helpfulness = _scale(len(q_hits), self.lo, self.hi)
+        helpfulness = _points(len(q_hits), self.hi)
         missing_q = [t for t in question_terms if t not in used][:SHOWN_TERMS]
         if missing_q and helpfulness < self.hi:
             notes.append("Answer what was asked about " + ", ".join(missing_q) + ".")
 
-        distinct = len(set(words)) / len(words) if words else 0.0
         bigrams = list(zip(words, words[1:], strict=False))
         repeats = len(bigrams) - len(set(bigrams))
-        naturalness = self.lo + (self.hi - self.lo) * distinct - repeats
-        if repeats or distinct < 1.0:
+        fluent = fluency(req.answer)
+        naturalness = self.lo + (self.hi - self.lo) * fluent - repeats
+        if repeats or len(set(words)) < len(words):
             notes.append("Stop repeating yourself; say each thing once.")
+        elif fluent < 1.0:
+            notes.append("Write plain words and sentences; drop the stray symbols.")
 
         per = self.cfg.rubric_words_per_point
         if len(words) > self.cfg.rubric_max_words:

@@ -9,8 +9,10 @@ everything is. Checkpoints are written to a temporary directory and renamed when
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from cpe_ray.config import Config, save_config
@@ -20,8 +22,20 @@ from cpe_ray.judge_client import JudgeClient, check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
 
+# Set by Ray's job supervisor for a job's driver only (not by `ray start`, not in a shell).
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
+
+
+def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where to run: `cluster.address`, else the job's cluster when this is a Ray job's driver
+    (a driver that started a Ray of its own there could not run the job's actors: they
+    inherit its runtime env, whose working dir lives in the outer cluster), else None: a
+    fresh local Ray, whatever RAY_ADDRESS a user's shell holds."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    return "auto" if JOB_DRIVER_ENV in environ else None
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -65,10 +79,11 @@ def save_checkpoint(rt, run_dir: Path, step: int, run_id: str | None) -> Path:
 
 def train(cfg: Config, progress: bool = True) -> dict:
     import ray
+    from tqdm import tqdm
 
     from cpe_ray.runtime import start_runtime
     from cpe_ray.tracking import Tracker
-    from cpe_ray.trainer import Trainer
+    from cpe_ray.trainer import Trainer, step_summary
 
     records = load_prompts(resolve_path(cfg.data.train_path), cfg.data.on_bad_record).records
     if len(records) < cfg.trainer.rollout_batch_size:
@@ -85,8 +100,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        if cfg.cluster.address:
-            ray.init(address=cfg.cluster.address, log_to_driver=False)
+        address = ray_address(cfg)
+        if address:
+            ray.init(address=address, log_to_driver=False)
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rt = start_runtime(cfg)
@@ -103,11 +119,18 @@ def train(cfg: Config, progress: bool = True) -> dict:
         total = trainer.total_steps()
         last: dict = {}
         every = cfg.trainer.save_every
+        bar = tqdm(total=total, initial=start, unit="step", desc=cfg.run.name,
+                   disable=not progress, dynamic_ncols=True)
         for step in range(start, total):
-            last = trainer.fit_one(step, progress)
+            last = trainer.fit_one(step)
             done = step + 1
             if done == total or (every and done % every == 0):
                 save_checkpoint(rt, run_dir, done, tracker.run_id)
+            if progress:
+                bar.write(step_summary(step, total, last))
+                bar.set_postfix(reward=f"{last.get('reward/original/weighted', 0.0):+.3f}")
+                bar.update(1)
+        bar.close()
         return {"run_dir": str(run_dir), "steps": total, "resumed_from": start,
                 "last": last, "checkpoints": [str(p) for p in checkpoints(run_dir)]}
     finally:

@@ -66,6 +66,9 @@ def test_update_then_sync_makes_engine_logits_equal_learner(stage: int) -> None:
     manifest = group.connect_engines(engines, ["rollout 0", "rollout 1"])
     # embeddings (tied to the head) + 2 layers x 12 + final norm
     assert manifest.num_tensors == 26 and len(manifest.buckets) >= 8
+    # float32 at ZeRO-0: rank 0 sends straight from its parameters (checked below: the
+    # update still moves the policy and reaches the engines)
+    assert group.zero_copy_send == (stage == 0)
     batch, exp = _batch(engines[0])
     # the learner's teacher-forced log-probs are the engine's sampling log-probs (T = 1)
     lp = group.compute_logprobs(exp)

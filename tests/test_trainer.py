@@ -59,20 +59,59 @@ def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
     assert "reward/rewrite/weighted" in metrics and "critic/value_loss" in metrics
     assert 0 < metrics["policy/edit_token_frac"] < 1  # rewrites trained with the edit loss
     assert metrics["sync/bytes"] == rt.manifest.total_bytes
-    for phase in ("generate", "critique", "post_edit", "score", "train", "weight_sync"):
-        assert metrics[f"time/{phase}"] >= 0
+    # ZeRO-0 float32 clips without reporting a norm in DeepSpeed; the learner keeps it
+    assert metrics["policy/grad_norm"] > 0 and metrics["critic/grad_norm"] > 0
+    for phase in ("generate", "critique", "post_edit", "score", "score_rewrites", "train",
+                  "weight_sync"):
+        assert 0 <= metrics[f"time/{phase}"] <= metrics["time/step"]
     samples = trainer._last_samples
     assert len(samples) == 4 and sum(s["kept"] for s in samples) == 2
-    assert all(s["critique"] and s["rewrite"] is not None for s in samples)
+    # random selection is drawn first: only the kept answers are critiqued and rewritten
+    assert metrics["post_edit/rewritten_fraction"] == 0.5
+    for s in samples:
+        assert bool(s["critique"]) == s["kept"] == (s["rewrite"] is not None)
+        assert (s["rewrite_reward"] is not None) == s["kept"]
+
+
+def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_path) -> None:
+    """The step overlaps the originals' forward with post-edit: same numbers as one pass."""
+    from cpe_ray.pipeline import Pipeline
+    from cpe_ray.remote import wait_all
+
+    cfg, rt = runtime_for()
+    trainer = _trainer(cfg, rt, tmp_path)
+    batch = trainer.batch_for(0)
+    s = trainer.collect(batch, 7, Pipeline(60), lambda *args: None)
+    kept = [s.rewrites[k] for k in s.kept]
+    assert kept
+    whole = trainer._experience(s.prompt_ids, s.answers, kept)
+
+    def forward(exp):
+        return {name: p.combine(wait_all(p.refs, p.labels, 60, p.what))
+                for name, p in trainer._submit_forward(exp).items()}
+
+    originals = forward(trainer._experience(s.prompt_ids, s.answers, []))
+    parts = trainer._with_rewrites(whole, originals, s.prompt_ids, kept)
+    one = forward(whole)
+    assert parts.keys() == one.keys() == {"old_logprobs", "old_values"}
+    for name in one:
+        assert parts[name].shape == one[name].shape
+        torch.testing.assert_close(parts[name] * whole.response_mask,
+                                   one[name] * whole.response_mask, atol=1e-5, rtol=1e-5)
 
 
 def test_ppo_step_without_post_edit(runtime_for, tmp_path) -> None:
-    cfg, rt = runtime_for("post_edit.enabled=false", "ppo.advantage_estimator=grpo")
+    cfg, rt = runtime_for("post_edit.enabled=false", "ppo.advantage_estimator=grpo",
+                          "learner.use_reference=true", "ppo.kl_coef=0.05")
     trainer = _trainer(cfg, rt, tmp_path)
     metrics = trainer.step(0, trainer.batch_for(0))
     assert "post_edit/kept_fraction" not in metrics and "reward/rewrite/weighted" not in metrics
     assert metrics["policy/edit_token_frac"] == 0.0
     assert "critic/value_loss" not in metrics and "time/critique" not in metrics
+    # before the first update the policy is the reference: their KL is 0
+    assert abs(metrics["policy/ref_kl"]) < 1e-6
+    second = trainer.step(1, trainer.batch_for(1))
+    assert abs(second["policy/ref_kl"]) > 1e-6  # the update moved it away
 
 
 def test_batches_are_a_function_of_seed_and_step(runtime_for, tmp_path) -> None:
