@@ -1,4 +1,6 @@
-"""The `GRMJudge` Ray actor: a generative reward model on its own engine, behind `Judge`."""
+"""The `GRMJudge` Ray actor: a generative reward model on its own engine, behind `Judge`.
+
+With grm.backend=bt on GPUs it holds a Bradley-Terry reward model instead (scores only)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import ray
 from cpe_ray.config import Config
 from cpe_ray.engines.factory import make_engine
 from cpe_ray.grm import JudgeOutcome
-from cpe_ray.judge import EngineJudge, JudgeRequest
+from cpe_ray.judge import EngineJudge, Judge, JudgeRequest
 
 
 @ray.remote
@@ -23,6 +25,12 @@ class GRMJudge:
         g = cfg.grm
         if g.model_path is None:
             raise ValueError("grm.model_path is required for an engine-backed GRM")
+        self.judge_core: Judge
+        if g.backend == "bt":
+            from cpe_ray.reward_model import make_bt_judge
+
+            self.judge_core = make_bt_judge(cfg)
+            return
         engine = make_engine(
             g.backend, g.model_path, dtype=cfg.policy.dtype, seed=cfg.run.seed + engine_index,
             use_gpu=cfg.cluster.use_gpu, tensor_parallel_size=g.tensor_parallel_size,

@@ -9,19 +9,18 @@ syncs against the rollout engines with a bounded wait that names a failing peer.
 from __future__ import annotations
 
 import math
-import os
-from datetime import timedelta
 from typing import Any
 
 import ray
 import torch
 
+from actors.ranks import form_group, init_rank_process, rank_address, rank_options
 from cpe_ray.config import Config
 from cpe_ray.experience import Experience, split_even
 from cpe_ray.learner import PPOLearnerCore, TrainShard, reduce_metrics
 from cpe_ray.pipeline import Pending
-from cpe_ray.remote import actor_env, threads_per_actor, wait_all
-from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats, free_port
+from cpe_ray.remote import threads_per_actor, wait_all
+from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats
 
 
 @ray.remote
@@ -32,22 +31,10 @@ class PPOLearner:
         self.core: PPOLearnerCore | None = None
 
     def address(self) -> tuple[str, int]:
-        host = ray.util.get_node_ip_address()
-        return host, free_port(host)
+        return rank_address()
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        import deepspeed
-
-        os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-            WORLD_SIZE=str(self.world), LOCAL_RANK="0",  # Ray shows each rank only its GPU
-        )
-        use_gpu = self.cfg.cluster.use_gpu
-        deepspeed.init_distributed(
-            dist_backend="nccl" if use_gpu else "gloo",
-            timeout=timedelta(seconds=self.cfg.learner.dist_timeout_s),
-        )
-        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        device = init_rank_process(self.cfg, self.rank, self.world, master_addr, master_port)
         self.core = PPOLearnerCore(self.cfg, self.rank, self.world, device)
         return self.core.info()
 
@@ -105,32 +92,16 @@ class LearnerGroup:
                  cpus_per_rank: float | None = None) -> None:
         self.cfg = cfg
         n = cfg.learner.num_ranks
-        if strategies is not None and len(strategies) != n:
-            raise ValueError(f"need {n} scheduling strategies, got {len(strategies)}")
-        gpus = gpus_per_rank if gpus_per_rank is not None else (1 if cfg.cluster.use_gpu else 0)
-        threads = threads_per_actor(cfg)
-        self.actors = []
-        for rank in range(n):
-            options: dict[str, Any] = {
-                "num_cpus": cpus_per_rank if cpus_per_rank is not None else (
-                    cfg.cluster.cpus_per_bundle),
-                "num_gpus": gpus,
-                "runtime_env": {"env_vars": actor_env(cfg, threads)},
-            }
-            if strategies is not None:
-                options["scheduling_strategy"] = strategies[rank]
-            self.actors.append(PPOLearner.options(**options).remote(cfg, rank, n))
+        options = rank_options(cfg, n, strategies, gpus_per_rank, cpus_per_rank)
+        self.actors = [PPOLearner.options(**options[rank]).remote(cfg, rank, n)
+                       for rank in range(n)]
         self.labels = [f"learner rank {r}" for r in range(n)]
         self._manifest: Manifest | None = None
         self._engines: list[Any] = []
         self.zero_copy_send = False  # rank 0's parameters live in the bucket buffers
 
     def setup(self) -> list[dict[str, Any]]:
-        timeout = self.cfg.learner.dist_timeout_s
-        host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
-                              "learner address")[0]
-        futures = [a.setup.remote(host, port) for a in self.actors]
-        return wait_all(futures, self.labels, timeout, "learner start-up")
+        return form_group(self.actors, self.labels, self.cfg.learner.dist_timeout_s)
 
     @property
     def world(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 WHITEN_EPS = 1e-8
@@ -409,6 +410,39 @@ def value_loss(
         loss_mat, is_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
     loss = aggregate_loss(0.5 * _zero_pad(loss_mat, mask), mask, agg, normalizer)
     return loss, masked_mean(is_clipped.float(), mask).detach()
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor, normalizer: float | None = None) -> Tensor:
+    """Masked token cross-entropy: -sum(log p(target) x mask) / normalizer.
+
+    `logprobs` [B, T] are the targets' log-probabilities (`logprobs_from_logits`); `mask`
+    marks the tokens to learn (assistant turns). With `normalizer` = the optimiser step's
+    global count of such tokens (over every micro-batch and rank), the micro-batch losses add
+    up to the step's token mean, however the rows are split: 2 ranks train exactly like 1.
+    None: the local token mean.
+    """
+    return aggregate_loss(-_at_least_f32(logprobs), mask, "token_mean", normalizer)
+
+
+def bradley_terry_loss(
+    chosen: Tensor, rejected: Tensor, weight: Tensor | None = None,
+    normalizer: float | None = None,
+) -> Tensor:
+    """-log sigmoid(r_chosen - r_rejected) summed over pairs, / normalizer (default: mean).
+
+    `weight` (1 per real pair, 0 per filler) keeps placeholder pairs out of the sum; the
+    normaliser plays the role of `sft_loss`'s (the step's global pair count). softplus(-d)
+    is -log sigmoid(d) without overflow for large |d|.
+    """
+    _check_shapes(chosen=chosen, rejected=rejected)
+    per_pair = F.softplus(-(_at_least_f32(chosen) - _at_least_f32(rejected)))
+    w = torch.ones_like(per_pair) if weight is None else weight.to(per_pair.dtype)
+    _check_shapes(per_pair=per_pair, weight=w)
+    if normalizer is None:
+        return masked_mean(per_pair, w)
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer}")
+    return masked_sum(per_pair, w) / normalizer
 
 
 # ----------------------------------------------------------------------------- logits

@@ -54,6 +54,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         "personafeedback": data.load_personafeedback,
         "sft": data.load_sft,
         "pairwise": data.load_pairwise,
+        "judge-inputs": data.load_judge_inputs,
     }
     result = loaders[args.kind](args.path, on_bad=args.on_bad)
     for problem in result.problems:
@@ -104,13 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_grm_parse)
 
     p = sub.add_parser("data-check", help="load a data file and report bad records")
-    p.add_argument("kind", choices=("prompts", "personafeedback", "sft", "pairwise"))
+    p.add_argument("kind", choices=("prompts", "personafeedback", "sft", "pairwise",
+                                     "judge-inputs"))
     p.add_argument("path", help="JSONL file, or the PersonaFeedback root folder")
     p.add_argument("--on-bad", choices=("error", "skip"), default="error")
     p.set_defaults(func=_cmd_data_check)
 
     from cpe_ray.evaluation.cli import add_eval_commands
+    from cpe_ray.stages_cli import add_stage_commands
 
+    add_stage_commands(sub)
     add_eval_commands(sub)
     return parser
 

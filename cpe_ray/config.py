@@ -245,6 +245,65 @@ class EvalConfig:
 
 
 @dataclass
+class StageTrainConfig:
+    """What the supervised stages share (`cpe-ray sft`, `grm train`, `rm train`).
+
+    Ranks, ZeRO stage, offload, micro-batch size, gradient clipping and checkpointing come
+    from `learner`, the precision from `policy.dtype`. Each stage writes under
+    `run.output_dir/<name>/` in the layout of `cpe-ray train`.
+    """
+
+    name: str = "stage"
+    epochs: int = _f(1, ge=1)
+    batch_size: int = _f(8, ge=1)  # examples (conversations or pairs) per optimiser step
+    lr: float = _f(1e-3, gt=0)  # the tiny model's rate; a 7B SFT uses ~1e-5 (README)
+    schedule: str = _f("constant", choices=("constant", "cosine"))
+    warmup_steps: int = _f(0, ge=0)
+    max_length: int = _f(1024, ge=2)  # tokens per sequence; longer ones lose their end
+    max_steps: int | None = _f(None, ge=1)  # None: `epochs` passes over the training split
+    eval_fraction: float = _f(0.125, ge=0, le=0.5)  # held out (by a seeded hash of each record)
+    eval_every: int = _f(0, ge=0)  # 0: evaluate the held-out split only at the end
+    save_every: int = _f(0, ge=0)  # 0: checkpoint only at the end
+    shuffle: bool = True
+    resume: str = "never"  # "never", "auto" (newest whole checkpoint) or a checkpoint path
+
+
+@dataclass
+class SFTConfig(StageTrainConfig):
+    """`cpe-ray sft`: stage 1, the policy fine-tuned on personalized conversations."""
+
+    name: str = "sft-tiny"
+    data_path: str = "data/demo/sft.jsonl"  # `load_sft` conversations; loss on assistant turns
+
+
+@dataclass
+class DistillConfig(StageTrainConfig):
+    """`cpe-ray grm collect` (a teacher judges triples) and `grm train` (stage 2: GRM SFT)."""
+
+    name: str = "grm-tiny"
+    max_length: int = _f(2048, ge=2)  # the rubric prompt alone is ~1000 tiny-model tokens
+    input_path: str = "data/demo/grm_inputs.jsonl"  # (persona, question, answer) triples
+    output_path: str = "outputs/grm-judgements.jsonl"  # appended to; resumable
+    failures_path: str | None = None  # None: <output_path without .jsonl>.failures.jsonl
+    api: EvalApiConfig = field(default_factory=EvalApiConfig)  # the teacher's endpoint
+    temperature: float = _f(0.0, ge=0)
+    max_tokens: int = _f(1024, ge=1)
+    model_path: str = TINY_MODEL  # the student (the paper: Qwen2.5-14B-Instruct)
+    train_unparsed: bool = False  # also train on teacher outputs parse_judgement rejects
+    eval_backend: str = _f("hf", choices=("hf", "vllm"))  # generates the parse-share outputs
+
+
+@dataclass
+class RMConfig(StageTrainConfig):
+    """`cpe-ray rm train`: a Bradley-Terry reward model (scalar head) on chosen/rejected pairs."""
+
+    name: str = "rm-tiny"
+    eval_fraction: float = _f(0.25, ge=0, le=0.5)
+    data_path: str = "data/demo/pairwise.jsonl"  # pairwise JSONL, or a PersonaFeedback root
+    model_path: str | None = None  # None: policy.model_path, with a new scalar head
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -258,6 +317,9 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -289,6 +351,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     assert isinstance(cfg, Config)
     validate(cfg)
     return cfg
+
+
+def flat_items(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a config as {"section.key": value} (to compare configs key by key)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_items(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -461,7 +535,7 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
     if pe.enabled and g.backend == "bt":
         yield ("post_edit.enabled needs critiques, which grm.backend=bt (a scalar reward model) "
                "cannot write; set post_edit.enabled=false or use a generative GRM backend")
-    if "vllm" in (r.backend, g.backend) and not cfg.cluster.use_gpu:
+    if "vllm" in (r.backend, g.backend, cfg.distill.eval_backend) and not cfg.cluster.use_gpu:
         yield "the vllm backend needs GPUs; set cluster.use_gpu=true or use backend hf"
     if p.advantage_estimator in ("grpo", "rloo") and r.n_samples_per_prompt < 2:
         yield (f"ppo.advantage_estimator={p.advantage_estimator} compares samples of a prompt; "
@@ -477,18 +551,26 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
         yield ("cluster.colocate_learner_rollout puts each rollout engine GPU beside one learner "
                "rank (CUDA IPC sync); set rollout.num_engines x rollout.tensor_parallel_size "
                f"({r.num_engines * r.tensor_parallel_size}) = learner.num_ranks ({le.num_ranks})")
-    if t.resume not in RESUME_KEYWORDS and not t.resume.strip():
-        yield "trainer.resume is empty; use never, auto or a checkpoint path"
+    resumes = {"trainer": t.resume, "sft": cfg.sft.resume, "distill": cfg.distill.resume,
+               "rm": cfg.rm.resume}
+    for section, resume in resumes.items():
+        if resume not in RESUME_KEYWORDS and not resume.strip():
+            yield f"{section}.resume is empty; use never, auto or a checkpoint path"
     yield from _eval_problems(cfg.eval)
+    yield from _api_problems(cfg.distill.api, "distill.api")
+
+
+def _api_problems(a: EvalApiConfig, section: str) -> Iterable[str]:
+    if not a.api_key_env.isidentifier() or keyword.iskeyword(a.api_key_env):
+        yield f"{section}.api_key_env = {a.api_key_env!r} is not an environment variable name"
+    if a.backoff_initial_s > a.backoff_max_s:
+        yield (f"{section}.backoff_initial_s ({a.backoff_initial_s:g}) must not exceed "
+               f"{section}.backoff_max_s ({a.backoff_max_s:g})")
 
 
 def _eval_problems(e: EvalConfig) -> Iterable[str]:
     a = e.api
-    if not a.api_key_env.isidentifier() or keyword.iskeyword(a.api_key_env):
-        yield f"eval.api.api_key_env = {a.api_key_env!r} is not an environment variable name"
-    if a.backoff_initial_s > a.backoff_max_s:
-        yield (f"eval.api.backoff_initial_s ({a.backoff_initial_s:g}) must not exceed "
-               f"eval.api.backoff_max_s ({a.backoff_max_s:g})")
+    yield from _api_problems(a, "eval.api")
     for key, value in (("eval.judge", e.judge), ("eval.personamem_answerer",
                                                   e.personamem_answerer)):
         if value == "openai" and not (a.base_url and a.model):

@@ -1,8 +1,9 @@
 """Load the project's datasets into typed records.
 
 One job: turn JSONL files (persona prompt sets, PersonaFeedback as published, SFT
-conversations, pairwise preferences) into frozen dataclasses, reporting every bad line as
-`file:line: what is wrong`. Personas are rendered and prompts built by `cpe_ray.chat`.
+conversations, pairwise preferences, answers for a teacher to judge) into frozen
+dataclasses, reporting every bad line as `file:line: what is wrong`. Personas are rendered
+and prompts built by `cpe_ray.chat`.
 
 Conventions shared by every loader:
 - `on_bad="error"` raises `DataError("file:line: what is wrong; how to fix")` at the first
@@ -78,6 +79,16 @@ class SFTExample:
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [m.as_dict() for m in self.messages]
+
+
+@dataclass(frozen=True)
+class JudgeInput:
+    """One answer for a judge (`grm collect`): rendered persona, question, answer."""
+
+    id: str
+    persona: str
+    question: str
+    answer: str
 
 
 @dataclass(frozen=True)
@@ -401,3 +412,15 @@ def load_pairwise(path: str | Path, on_bad: BadRecordPolicy = "error"
         return PairwiseExample(persona, question, chosen, rejected)
 
     return _load(_existing_file(path, "pairwise"), "pairwise examples", on_bad, parse)
+
+
+def load_judge_inputs(path: str | Path, on_bad: BadRecordPolicy = "error"
+                      ) -> LoadResult[JudgeInput]:
+    """(persona, question, answer) JSONL for a teacher to judge, optional `id` (str or int)."""
+    p = _existing_file(path, "judge inputs")
+
+    def parse(obj: dict[str, Any], lineno: int) -> JudgeInput:
+        return JudgeInput(_record_id(obj, f"{p.stem}-{lineno}"), _persona_field(obj),
+                          _text(obj, "question"), _text(obj, "answer"))
+
+    return _load(p, "judge inputs", on_bad, parse)

@@ -196,10 +196,15 @@ def build_grm_messages(template: PromptTemplate, persona: str, question: str,
 
 @dataclass(frozen=True)
 class JudgeOutcome:
-    """A judgement with how many generations it took."""
+    """A judgement with how many generations it took.
+
+    `reward` is set by scalar judges (a Bradley-Terry reward model), whose number is the
+    reward itself; None means the reward is `weighted_reward` of the judgement's scores.
+    """
 
     judgement: Judgement
     attempts: int
+    reward: float | None = None
 
 
 def judge_with_retries(

@@ -1,7 +1,15 @@
-"""The controller's view of the judge: the rubric judge in process, or the GRM actors.
+"""The controller's view of the judge: a judge in this process, or the GRM actors.
 
-Requests are split evenly over the GRM actors and judged in parallel; the result keeps the
-request order. Backends without an implementation yet fail before any actor starts.
+| grm.backend | where it judges |
+| --- | --- |
+| `rubric` | in the driver (the offline rubric judge) |
+| `openai` | in the driver, on the `grm.api` endpoint (the paper served its GRM from vLLM) |
+| `bt` | in the driver on CPUs; on GPUs one Bradley-Terry scorer actor per `grm.num_engines` |
+| `hf`, `vllm` | GRM engine actors |
+
+Requests for actors are split evenly over them and judged in parallel; the result keeps the
+request order. `check_backend` runs the cheap checks (the endpoint's key variable, the
+reward model's path) before any actor starts.
 """
 
 from __future__ import annotations
@@ -10,22 +18,47 @@ from collections.abc import Sequence
 from typing import Any
 
 from cpe_ray.config import Config
-from cpe_ray.errors import ConfigError
 from cpe_ray.experience import split_even
 from cpe_ray.grm import JudgeOutcome
 from cpe_ray.judge import JudgeRequest, check_mode
 from cpe_ray.pipeline import Pending, concat
 from cpe_ray.remote import wait_all
 
-SUPPORTED_BACKENDS = ("rubric", "hf", "vllm")
+SUPPORTED_BACKENDS = ("rubric", "hf", "vllm", "openai", "bt")
 
 
 def check_backend(cfg: Config) -> None:
-    if cfg.grm.backend not in SUPPORTED_BACKENDS:
-        raise ConfigError(
-            f"grm.backend={cfg.grm.backend} is not wired into training yet; use one of "
-            f"{', '.join(SUPPORTED_BACKENDS)}"
-        )
+    """One-line errors for a judge that could not start (config checks are done already)."""
+    g = cfg.grm
+    if g.backend == "openai":
+        from cpe_ray.evaluation.endpoint import EndpointSpec
+
+        EndpointSpec.from_grm(g.api).api_key()
+    if g.backend == "bt" and g.model_path:
+        from cpe_ray.models import resolve_model_path
+
+        resolve_model_path(g.model_path)
+
+
+def judge_in_driver(cfg: Config) -> bool:
+    """Whether `grm.backend` judges in this process (no GRM actors)."""
+    return cfg.grm.backend in ("rubric", "openai") or (
+        cfg.grm.backend == "bt" and not cfg.cluster.use_gpu)
+
+
+def _local_judge(cfg: Config) -> Any:
+    g = cfg.grm
+    if g.backend == "rubric":
+        from cpe_ray.rubric import RubricJudge
+
+        return RubricJudge(g)
+    if g.backend == "openai":
+        from cpe_ray.evaluation.endpoint import EndpointClient, EndpointGRMJudge, EndpointSpec
+
+        return EndpointGRMJudge(EndpointClient(EndpointSpec.from_grm(g.api)), g)
+    from cpe_ray.reward_model import make_bt_judge
+
+    return make_bt_judge(cfg)
 
 
 class JudgeClient:
@@ -33,16 +66,15 @@ class JudgeClient:
                  labels: Sequence[str] = ()) -> None:
         check_backend(cfg)
         self.cfg, self.actors, self.labels = cfg, list(grm_actors), list(labels)
-        self.local = None
-        if cfg.grm.backend == "rubric":
-            from cpe_ray.rubric import RubricJudge
-
-            self.local = RubricJudge(cfg.grm)
-        elif not self.actors:
+        self.local = _local_judge(cfg) if judge_in_driver(cfg) else None
+        if self.local is None and not self.actors:
             raise ValueError(f"grm.backend={cfg.grm.backend} needs GRM actors")
 
     def submit(self, requests: Sequence[JudgeRequest], mode: str, seed: int) -> Pending:
-        """Start judging: work in flight that yields one outcome per request, in order."""
+        """Start judging: work in flight that yields one outcome per request, in order.
+
+        A judge in the driver runs here, before this returns (the engines' work already
+        submitted goes on meanwhile)."""
         check_mode(mode)
         what = f"GRM judging ({mode})"
         if self.local is not None:

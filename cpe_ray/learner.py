@@ -92,6 +92,39 @@ def _keep_fp32_clip_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_keep_norm
 
 
+def init_trained_engine(cfg: Config, model: torch.nn.Module, lr: float, world: int,
+                        lr_factor: Callable[[int], float]):
+    """A DeepSpeed engine training `model` (AdamW, clipping, ZeRO from `cfg.learner`, precision
+    from `cfg.policy.dtype`); the learning rate is `lr x lr_factor(optimiser step)`."""
+    import deepspeed
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    conf = train_config(cfg.learner, lr, cfg.policy.dtype, world, cfg.cluster.use_gpu)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, config=conf, lr_scheduler=schedule
+    )
+    if cfg.learner.zero_stage == 0 and cfg.policy.dtype == "float32":
+        _keep_fp32_clip_norm(engine)
+    return engine
+
+
+def gathered_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor]:
+    """Full weights of `module` on rank 0 (others get {}); under ZeRO-3 every rank must call."""
+    import deepspeed
+
+    state = {}
+    for name, param in module.named_parameters():
+        ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else (
+            nullcontext())
+        with ctx:
+            if rank == 0:
+                state[name] = param.data.detach().cpu().clone()
+    return state
+
+
 class PPOLearnerCore:
     """One rank. `torch.distributed` must already be initialised (the actor does it)."""
 
@@ -144,22 +177,8 @@ class PPOLearnerCore:
 
     def _init_trained(self, model: torch.nn.Module, lr: float):
         warmup = self.cfg.learner.warmup_steps
-
-        def schedule(optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1))
-            )
-
-        conf = train_config(
-            self.cfg.learner, lr, self.cfg.policy.dtype, self.world, self.cfg.cluster.use_gpu
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        engine, *_ = self._ds.initialize(
-            model=model, model_parameters=params, config=conf, lr_scheduler=schedule
-        )
-        if self.cfg.learner.zero_stage == 0 and self.cfg.policy.dtype == "float32":
-            _keep_fp32_clip_norm(engine)
-        return engine
+        return init_trained_engine(self.cfg, model, lr, self.world,
+                                   lambda step: min(1.0, (step + 1) / (warmup + 1)))
 
     # --- forward passes -----------------------------------------------------------------
     def _filler(self) -> Experience:
@@ -353,12 +372,7 @@ class PPOLearnerCore:
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Full policy weights on rank 0 (others get {}): for tests and small models."""
-        state = {}
-        for name, param in self.policy.module.named_parameters():
-            with self._gathered([param]):
-                if self.rank == 0:
-                    state[name] = param.data.detach().cpu().clone()
-        return state
+        return gathered_state(self.policy.module, self.zero3, self.rank)
 
     # --- weight sync ------------------------------------------------------------------------
     def weight_manifest(self) -> Manifest:

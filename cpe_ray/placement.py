@@ -91,10 +91,22 @@ class PlacementPlan:
         return f"{pools} ({'/'.join(strategies)})"
 
 
+def _bundle(cfg: Config) -> dict[str, float]:
+    cl = cfg.cluster
+    return {"GPU": 1.0, "CPU": cl.cpus_per_bundle} if cl.use_gpu else {"CPU": cl.cpus_per_bundle}
+
+
+def plan_learner_only(cfg: Config) -> PlacementPlan:
+    """The supervised stages (`cpe-ray sft`, `grm train`, `rm train`): the learner ranks only."""
+    spec = PoolSpec("learner", cfg.learner.num_ranks, _bundle(cfg),
+                    cfg.cluster.placement_strategy)
+    return PlacementPlan({spec.name: spec}, colocated=False)
+
+
 def plan_placement(cfg: Config) -> PlacementPlan:
     """The pools `cfg` needs; no Ray calls."""
     cl, r, g, le = cfg.cluster, cfg.rollout, cfg.grm, cfg.learner
-    bundle = {"GPU": 1.0, "CPU": cl.cpus_per_bundle} if cl.use_gpu else {"CPU": cl.cpus_per_bundle}
+    bundle = _bundle(cfg)
 
     def spec(name: str, n: int) -> PoolSpec:
         return PoolSpec(name, n, dict(bundle), cl.placement_strategy)
@@ -106,10 +118,13 @@ def plan_placement(cfg: Config) -> PlacementPlan:
         pools.append(spec("learner_rollout", max(le.num_ranks, rollout_workers)))
     else:
         pools.append(spec("rollout", rollout_workers))
-    # Only engine-backed GRMs get a pool: "rubric" runs in the driver, "openai" is remote,
-    # and "bt" (a scalar reward model) will run inside the learner pool, so it adds nothing.
+    # Engine-backed GRMs get a pool; "rubric" and "openai" judge from the driver (an endpoint
+    # is remote anyway). "bt" (a scalar reward model) scores in the driver on CPUs and on
+    # grm.num_engines GPUs of its own (one scorer each) on a GPU cluster.
     if g.backend in ENGINE_GRM_BACKENDS:
         pools.append(spec("grm", g.num_engines * g.tensor_parallel_size))
+    elif g.backend == "bt" and cl.use_gpu:
+        pools.append(spec("grm", g.num_engines))
     if not cl.colocate_learner_rollout:
         pools.append(spec("learner", le.num_ranks))
     return PlacementPlan({p.name: p for p in pools}, cl.colocate_learner_rollout)

@@ -8,11 +8,6 @@ everything is. Checkpoints are written to a temporary directory and renamed when
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
-from collections.abc import Mapping
 from pathlib import Path
 
 from cpe_ray.config import Config, save_config
@@ -21,60 +16,31 @@ from cpe_ray.errors import ConfigError
 from cpe_ray.judge_client import JudgeClient, check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
+from cpe_ray.runs import (  # noqa: F401 (JOB_DRIVER_ENV, ray_address: this module's API)
+    JOB_DRIVER_ENV,
+    STATE_DIR,
+    checkpoints,
+    find_resume,
+    init_ray,
+    ray_address,
+    read_trainer_state,
+    run_dir_for,
+    write_checkpoint,
+)
 
-# Set by Ray's job supervisor for a job's driver only (not by `ray start`, not in a shell).
-JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-CKPT_PREFIX = "step-"
-TRAINER_STATE = "trainer_state.json"
-
-
-def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | None:
-    """Where to run: `cluster.address`, else the job's cluster when this is a Ray job's driver
-    (a driver that started a Ray of its own there could not run the job's actors: they
-    inherit its runtime env, whose working dir lives in the outer cluster), else None: a
-    fresh local Ray, whatever RAY_ADDRESS a user's shell holds."""
-    if cfg.cluster.address:
-        return cfg.cluster.address
-    return "auto" if JOB_DRIVER_ENV in environ else None
-
-
-def run_dir_for(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir).expanduser() / cfg.run.name
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Whole checkpoints, oldest first (a crash mid-write leaves only a .tmp directory)."""
-    root = run_dir / "checkpoints"
-    found = [p for p in root.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
+POLICY_DIR = "policy"  # the HF policy inside a checkpoint (`policy.model_path` takes it)
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    mode = cfg.trainer.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
-    path = resolve_path(mode)
-    if not (path / TRAINER_STATE).is_file():
-        raise ConfigError(f"trainer.resume={mode}: {path} is not a whole checkpoint "
-                          f"(no {TRAINER_STATE}); use auto, never or a step-N directory")
-    return path
+    return find_resume(cfg.trainer.resume, run_dir, "trainer.resume")
 
 
 def save_checkpoint(rt, run_dir: Path, step: int, run_id: str | None) -> Path:
-    root = run_dir / "checkpoints"
-    final = root / f"{CKPT_PREFIX}{step}"
-    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    rt.learner.export_hf(str(tmp / "policy"))
-    rt.learner.save_state(str(tmp / "state"))
-    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "wandb_run_id": run_id}) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # atomic: a checkpoint either exists whole or not at all
-    return final
+    def write(tmp: Path) -> None:
+        rt.learner.export_hf(str(tmp / POLICY_DIR))
+        rt.learner.save_state(str(tmp / STATE_DIR))
+
+    return write_checkpoint(run_dir, step, write, {"wandb_run_id": run_id})
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
@@ -98,19 +64,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
     resume = resume_point(cfg, run_dir)
     save_config(cfg, run_dir / "config.yaml")
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        address = ray_address(cfg)
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    started_ray = init_ray(cfg)
     rt = start_runtime(cfg)
     tracker = None
     try:
         start, run_id = 0, None
         if resume is not None:
-            state = json.loads((resume / TRAINER_STATE).read_text())
+            state = read_trainer_state(resume)
             rt.learner.load_state(str(resume / "state"))
             rt.learner.sync_weights()  # engines must sample from the restored policy
             start, run_id = int(state["step"]), state.get("wandb_run_id")

@@ -82,7 +82,8 @@ def start_runtime(cfg: Config, with_learner: bool = True) -> Runtime:
                 cfg, i, bundles if tp > 1 else None, share))
             rt.rollout_labels.append(f"rollout engine {i}")
         if "grm" in pools:
-            gtp = cfg.grm.tensor_parallel_size
+            # a Bradley-Terry scorer is one model on one GPU: no tensor parallelism
+            gtp = 1 if cfg.grm.backend == "bt" else cfg.grm.tensor_parallel_size
             for i in range(cfg.grm.num_engines):
                 options, bundles, _ = _engine_options(cfg, pools["grm"], i, gtp, False)
                 rt.grms.append(GRMJudge.options(**options).remote(

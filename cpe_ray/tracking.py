@@ -21,7 +21,9 @@ SAMPLE_COLUMNS = ("step", "prompt_id", "persona", "question", "answer", "critiqu
 
 
 class Tracker:
-    def __init__(self, cfg: Config, run_dir: Path, run_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, run_id: str | None = None,
+                 name: str | None = None, job_type: str | None = None) -> None:
+        """`name`: the wandb run's name (default `run.name`); `job_type`: e.g. "sft"."""
         self.cfg, self.run_dir = cfg, run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
@@ -32,7 +34,8 @@ class Tracker:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
-                project=cfg.logging.project, entity=cfg.logging.entity, name=cfg.run.name,
+                project=cfg.logging.project, entity=cfg.logging.entity,
+                name=name or cfg.run.name, job_type=job_type,
                 dir=str(run_dir), mode=mode, config=asdict(cfg), tags=list(cfg.logging.tags),
                 id=run_id, resume="allow" if run_id else None, reinit="finish_previous",
             )

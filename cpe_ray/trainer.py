@@ -178,6 +178,8 @@ class Trainer:
         return [items[i] for i in chosen]
 
     def _reward(self, outcome: JudgeOutcome) -> float:
+        if outcome.reward is not None:  # a scalar judge (grm.backend=bt)
+            return outcome.reward
         value = weighted_reward(outcome.judgement, self.cfg.grm.weights, self.cfg.grm.on_missing)
         return 0.0 if value is None else value
 

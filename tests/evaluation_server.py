@@ -2,9 +2,11 @@
 
 `ChatServer(policy)` answers POST /v1/chat/completions with `policy(messages)` in OpenAI's
 JSON shape, after checking the bearer key. It can fail the first `fail_first` requests with
-`fail_status` (then recover), or fail forever (`fail_first=None`), answer slowly
-(`delay_s`), or echo the key in its error messages; it records what it saw. Nothing here is a mock: the code under test talks to it through the real `openai`
-client over TCP.
+`fail_status` (then recover), or fail forever (`fail_first=None`), fail the requests
+`fail_if(messages)` gives a status for, answer slowly (`delay_s`), or echo the key in its
+error messages; it records what it saw. `grm_policy` is a teacher that answers the GRM's
+rubric prompt in the GRM's format. Nothing here is a mock: the code under test talks to it
+through the real `openai` client over TCP.
 """
 
 from __future__ import annotations
@@ -33,12 +35,33 @@ def first_position_policy(messages: list[dict[str, str]]) -> str:
     return "The first answer is better.\n[[A]]"
 
 
+_GRM_ANSWER = re.compile(r"Candidate answer:\n(.*?)\n\nScore three dimensions", re.DOTALL)
+GRM_WORDS_PER_POINT = 20  # grm_policy's helpfulness: one point per this many words, up to 5
+
+
+def grm_answer(messages: list[dict[str, str]]) -> str:
+    """The candidate answer inside a GRM rubric prompt (conf/prompts/grm_en.txt)."""
+    match = _GRM_ANSWER.search(messages[-1]["content"])
+    return match.group(1) if match else ""
+
+
+def grm_policy(messages: list[dict[str, str]]) -> str:
+    """A teacher GRM: a critique and three scores that follow from the answer's length."""
+    words = len(grm_answer(messages).split())
+    helpful = min(5, words // GRM_WORDS_PER_POINT)
+    return (f"<critique>\nThe answer has {words} words; make it more specific to the user.\n"
+            f"</critique>\n<scores>\nHelpfulness: {helpful}\nPersonalization: 1\n"
+            "Naturalness: 2\n</scores>")
+
+
 class ChatServer:
     def __init__(self, policy: Policy, key: str, fail_first: int | None = 0,
                  fail_status: int = 503, delay_s: float = 0.0,
-                 echo_key_in_errors: bool = False) -> None:
+                 echo_key_in_errors: bool = False,
+                 fail_if: Callable[[list[dict[str, str]]], int | None] | None = None) -> None:
         self.policy, self.key = policy, key
         self.fail_first, self.fail_status = fail_first, fail_status
+        self.fail_if = fail_if
         self.delay_s, self.echo_key_in_errors = delay_s, echo_key_in_errors
         self.lock = threading.Lock()
         self.requests = 0
@@ -52,12 +75,16 @@ class ChatServer:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def _respond(self) -> tuple[int, dict]:
+    def _respond(self, messages: list[dict[str, str]]) -> tuple[int, dict]:
         with self.lock:
             self.requests += 1
             n = self.requests
+            chosen = self.fail_if(messages) if self.fail_if is not None else None
         if self.delay_s:
             time.sleep(self.delay_s)
+        if chosen is not None:
+            return chosen, {"error": {"message": "chosen to fail", "type": "server_error",
+                                      "code": None}}
         failing = self.fail_first is None or n <= self.fail_first
         if failing:
             message = "temporarily unavailable"
@@ -95,7 +122,7 @@ class ChatServer:
                         server_self.statuses.append(401)
                     self._send(401, {"error": {"message": "bad key", "type": "auth"}})
                     return
-                status, payload = server_self._respond()
+                status, payload = server_self._respond(request.get("messages", []))
                 with server_self.lock:
                     server_self.statuses.append(status)
                     server_self.bodies.append(request)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from cpe_ray.algorithms import (
     EDIT_RATIO_EPS,
     aggregate_loss,
+    bradley_terry_loss,
     cpe_policy_loss,
     entropy_from_logits,
     expand_to_tokens,
@@ -25,6 +26,7 @@ from cpe_ray.algorithms import (
     masked_whiten,
     ppo_policy_loss,
     rloo_advantages,
+    sft_loss,
     token_level_rewards,
     value_loss,
 )
@@ -384,3 +386,36 @@ def test_aggregate_normalizer_splits_a_mean_exactly(mode: str) -> None:
     torch.testing.assert_close(local, whole)
     with pytest.raises(ValueError, match="normalizer must be positive"):
         aggregate_loss(loss, mask, mode, normalizer=0.0)
+
+
+def test_sft_loss_hand_values_and_split_by_global_count() -> None:
+    # log-probs of the targets; the mask keeps 3 tokens: -(-1 - 2 - 0.5) / 3 = 3.5 / 3
+    logp = t([[-1.0, -9.0, -2.0], [-0.5, -7.0, -7.0]])
+    mask = t([[1, 0, 1], [1, 0, 0]])
+    close(sft_loss(logp, mask), 3.5 / 3)
+    # rows split over two "ranks" with the global count 3 add up to the same mean
+    whole = sft_loss(logp, mask, normalizer=3)
+    parts = sft_loss(logp[:1], mask[:1], normalizer=3) + sft_loss(logp[1:], mask[1:], 3)
+    close(whole, 3.5 / 3)
+    close(parts, 3.5 / 3)
+    close(sft_loss(logp, torch.zeros_like(mask)), 0.0)  # nothing labelled: 0, not NaN
+
+
+def test_bradley_terry_loss_hand_values_and_gradient() -> None:
+    chosen, rejected = t([2.0, 0.0]), t([0.0, 1.0])
+    # -log sigmoid(2) = log(1 + e^-2) = 0.126928; -log sigmoid(-1) = log(1 + e) = 1.313262
+    a, b = math.log1p(math.exp(-2.0)), math.log1p(math.exp(1.0))
+    close(bradley_terry_loss(chosen, rejected), (a + b) / 2)
+    close(bradley_terry_loss(chosen, rejected, weight=t([1.0, 0.0])), a)  # filler pair out
+    close(bradley_terry_loss(chosen, rejected, normalizer=4), (a + b) / 4)
+    # no overflow far from 0: softplus, not log(sigmoid)
+    close(bradley_terry_loss(t([0.0]), t([1000.0])), 1000.0)
+    close(bradley_terry_loss(t([1000.0]), t([0.0])), 0.0)
+    c = chosen.clone().requires_grad_(True)
+    bradley_terry_loss(c, rejected).backward()
+    # d/dc of mean softplus(r - c) = -sigmoid(r - c) / 2: -(1 - sigmoid(2)) / 2, -sigmoid(1) / 2
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    close(c.grad, [-(1 - sig(2.0)) / 2, -sig(1.0) / 2])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        bradley_terry_loss(t([1.0, 2.0]), t([1.0]))
+

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from cpe_ray.config import Config, config_to_yaml, load_config, save_config
+from cpe_ray.config import Config, config_to_yaml, flat_items, load_config, save_config
 from cpe_ray.errors import ConfigError
 from cpe_ray.paths import CONF_DIR
 
 SECTIONS = {"run", "cluster", "policy", "rollout", "grm", "post_edit", "ppo", "learner", "data",
-            "trainer", "logging", "eval"}
+            "trainer", "logging", "eval", "sft", "distill", "rm"}
 
 
 def test_defaults_are_the_cpu_run_and_match_default_yaml() -> None:
@@ -38,6 +38,17 @@ def test_paper_settings(name: str) -> None:
     assert cfg.ppo.advantage_estimator == "gae"
     assert cfg.grm.critique_temperature == 0.9 and cfg.grm.score_temperature == 0.0
     assert cfg.post_edit.strategy == "random" and cfg.post_edit.ratio == 0.5
+
+
+def test_paper_stage_settings() -> None:
+    cfg = load_config(CONF_DIR / "experiment" / "qwen2.5-stages.yaml")
+    # method.md 4: the policy is Qwen2.5-7B, the GRM Qwen2.5-14B distilled from gpt-4o-mini
+    assert cfg.policy.model_path == "Qwen/Qwen2.5-7B-Instruct"
+    assert cfg.distill.model_path == "Qwen/Qwen2.5-14B-Instruct"
+    assert cfg.distill.api.model == "gpt-4o-mini" and cfg.distill.eval_backend == "vllm"
+    assert cfg.cluster.use_gpu and cfg.learner.zero_stage == 3 and cfg.policy.dtype == "bfloat16"
+    assert {cfg.sft.name, cfg.distill.name, cfg.rm.name} == {
+        "sft-qwen2.5-7b", "grm-qwen2.5-14b", "rm-qwen2.5-7b"}
 
 
 def test_file_then_overrides_then_types(tmp_path: Path) -> None:
@@ -105,6 +116,13 @@ ERRORS = [
     (["cluster.use_gpu=true", "cluster.colocate_learner_rollout=true", "learner.num_ranks=2"],
      "cluster.colocate_learner_rollout puts each rollout engine GPU beside one learner rank"),
     (["trainer.resume=' '"], "trainer.resume is empty"),
+    (["sft.resume=' '"], "sft.resume is empty; use never, auto or a checkpoint path"),
+    (["sft.eval_fraction=0.9"], "sft.eval_fraction = 0.9 is outside [0, 0.5]"),
+    (["rm.batch_size=0"], "rm.batch_size = 0 is outside [1, inf)"),
+    (["distill.eval_backend=vllm"], "the vllm backend needs GPUs; set cluster.use_gpu=true"),
+    (["distill.api.api_key_env=MY-KEY"], "distill.api.api_key_env = 'MY-KEY' is not an environment variable"),
+    (["distill.api.backoff_initial_s=5", "distill.api.backoff_max_s=1"],
+     "distill.api.backoff_initial_s (5) must not exceed distill.api.backoff_max_s (1)"),
 ]
 
 
@@ -130,3 +148,38 @@ def test_file_errors(tmp_path: Path) -> None:
     bad.write_text("ppo:\n  kl_coeff: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'ppo.kl_coeff' in .*bad.yaml; did you mean"):
         load_config(bad)
+
+
+ABLATIONS = sorted((CONF_DIR / "experiment").glob("ablation-*.yaml"))
+
+
+def test_the_ablation_arms_are_all_there() -> None:
+    assert [p.stem for p in ABLATIONS] == [
+        "ablation-cpe-batch_reward-0.5", "ablation-cpe-improvement-0.5",
+        "ablation-cpe-random-0.1", "ablation-cpe-random-0.25", "ablation-cpe-random-0.5",
+        "ablation-cpe-random-0.75", "ablation-cpe-random-1.0", "ablation-cpe-reward-0.5",
+        "ablation-ppo-bt", "ablation-ppo-grm"]
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_ablation_arms_differ_from_the_recipe_only_where_intended(path: Path) -> None:
+    """load_config takes one file (no includes), so each arm is the 7B recipe written out in
+    full: it may differ from it only in the arm's own keys."""
+    base = flat_items(load_config(CONF_DIR / "experiment" / "qwen2.5-7b-cpe.yaml"))
+    arm = flat_items(load_config(path))
+    diff = {k: v for k, v in arm.items() if v != base[k]}
+    expected: dict = {"run.name": path.stem}
+    if path.stem.startswith("ablation-ppo-"):
+        # the paper compares arms at equal trained samples: 6 answers = 4 answers + 2 rewrites
+        expected |= {"post_edit.enabled": False, "rollout.n_samples_per_prompt": 6}
+        if path.stem == "ablation-ppo-bt":
+            expected |= {"grm.backend": "bt", "grm.model_path": diff.get("grm.model_path")}
+            assert diff["grm.model_path"].startswith("/mnt/cpe-ray/")
+    else:
+        _, _, strategy, ratio = path.stem.split("-")
+        if strategy != "random":
+            expected["post_edit.strategy"] = strategy
+        if float(ratio) != 0.5:
+            expected["post_edit.ratio"] = float(ratio)
+    assert diff == expected
+

@@ -71,6 +71,9 @@ def test_colocated_pool_is_the_larger_side(ranks: int, engines: int, tp: int,
     (["grm.backend=rubric"], None),
     (["grm.backend=openai", "grm.api.base_url=http://x", "grm.api.model=m"], None),
     (["grm.backend=bt", "grm.model_path=m", "post_edit.enabled=false"], None),
+    # on GPUs a BT reward model gets one GPU per scorer (grm.tensor_parallel_size ignored)
+    (["grm.backend=bt", "grm.model_path=m", "post_edit.enabled=false", "cluster.use_gpu=true",
+      "grm.num_engines=2", "grm.tensor_parallel_size=4"], 2),
 ])
 def test_grm_pool_only_for_engine_backends(overrides: list[str], grm: int | None) -> None:
     p = plan(*overrides)
@@ -277,3 +280,13 @@ def test_timeout_when_resources_are_held_removes_everything(ray_cluster: object)
         assert wait_removed(before) == {}
     finally:
         ray.util.remove_placement_group(blocker)
+
+
+def test_supervised_stages_place_only_the_learner_ranks() -> None:
+    from cpe_ray.config import load_config
+    from cpe_ray.placement import plan_learner_only
+
+    p = plan_learner_only(load_config(None, ["learner.num_ranks=8", "cluster.use_gpu=true",
+                                             "grm.backend=hf", "grm.model_path=m"]))
+    assert p.describe() == "learner 8x{GPU:1, CPU:1} (PACK)" and p.pool_for("learner") == "learner"
+

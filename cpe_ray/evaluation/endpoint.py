@@ -64,11 +64,12 @@ class EndpointSpec:
     section: str = "eval.api"  # for messages
 
     @classmethod
-    def from_eval(cls, api: EvalApiConfig) -> EndpointSpec:
+    def from_eval(cls, api: EvalApiConfig, section: str = "eval.api") -> EndpointSpec:
+        """An endpoint section shaped like `eval.api` (also `distill.api`, the teacher)."""
         if not (api.base_url and api.model):
-            raise ConfigError("the endpoint needs eval.api.base_url and eval.api.model")
+            raise ConfigError(f"the endpoint needs {section}.base_url and {section}.model")
         return cls(api.base_url, api.model, api.api_key_env, api.timeout_s, api.max_retries,
-                   api.max_concurrency, api.backoff_initial_s, api.backoff_max_s)
+                   api.max_concurrency, api.backoff_initial_s, api.backoff_max_s, section)
 
     @classmethod
     def from_grm(cls, api: GRMApiConfig) -> EndpointSpec:
@@ -77,6 +78,15 @@ class EndpointSpec:
         return cls(api.base_url, api.model, api.api_key_env, api.timeout_s,
                    GRM_ENDPOINT_RETRIES, api.max_concurrency, GRM_BACKOFF_INITIAL_S,
                    GRM_BACKOFF_MAX_S, section="grm.api")
+
+    def api_key(self) -> str:
+        """The key from the variable `api_key_env` names (checked before anything starts)."""
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"{self.section}.api_key_env names ${self.api_key_env}, which is not set; "
+                "export the endpoint's key in it (any non-empty value for a local server)")
+        return key
 
 
 @dataclass(frozen=True)
@@ -105,11 +115,7 @@ class EndpointClient:
     def __init__(self, spec: EndpointSpec) -> None:
         import openai
 
-        key = os.environ.get(spec.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"{spec.section}.api_key_env names ${spec.api_key_env}, which is not set; "
-                "export the endpoint's key in it (any non-empty value for a local server)")
+        key = spec.api_key()
         self.spec = spec
         self._secret = key
         self._client = openai.OpenAI(base_url=spec.base_url, api_key=key,

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cpe_ray.chat import build_policy_messages, load_policy_system_template, render_chat_template
 from cpe_ray.config import GRMConfig
 from cpe_ray.evaluation.pairwise import VERDICT_A, VERDICT_B, VERDICT_TIE, PairRequest, PairVerdict
 from cpe_ray.grm import weighted_reward
 from cpe_ray.judge import Judge, JudgeRequest
+from cpe_ray.prompts import PromptTemplate
 
 REWARD_DECIMALS = 9  # rewards equal to this many decimals are a tie
 DEFAULT_BT_BATCH = 8
@@ -36,6 +37,16 @@ class AnswerScorer(Protocol):
     def score(self, requests: Sequence[JudgeRequest]) -> list[Score]: ...
 
     def describe(self) -> str: ...
+
+
+def reward_model_text(tokenizer: Any, template: PromptTemplate, persona: str, question: str,
+                      answer: str) -> str:
+    """What a Bradley-Terry model reads: the policy's chat (system persona, user question)
+    closed by the answer as the assistant turn. `rm train` tokenizes pairs through this too,
+    so the model is scored on exactly the text it was trained on."""
+    messages = [*build_policy_messages(persona, question, template),
+                {"role": "assistant", "content": answer}]
+    return render_chat_template(tokenizer, messages, add_generation_prompt=False)
 
 
 class GRMScorer:
@@ -88,9 +99,7 @@ class BTScorer:
         return f"Bradley-Terry reward model {self.model_path}"
 
     def _text(self, r: JudgeRequest) -> str:
-        messages = [*build_policy_messages(r.persona, r.question, self.template),
-                    {"role": "assistant", "content": r.answer}]
-        return render_chat_template(self.tokenizer, messages, add_generation_prompt=False)
+        return reward_model_text(self.tokenizer, self.template, r.persona, r.question, r.answer)
 
     def score(self, requests: Sequence[JudgeRequest]) -> list[Score]:
         torch, out = self._torch, []

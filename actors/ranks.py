@@ -1,0 +1,77 @@
+"""What every DeepSpeed rank group shares: actor options, the process group, the start-up dance.
+
+`PPOLearner` (actors/learner.py) and `SupervisedRank` (actors/supervised.py) are both one
+data-parallel rank each; their groups place the ranks in placement-group bundles the same
+way, ask rank 0 for a free address, and have every rank join DeepSpeed's group there. All
+remote calls go through `cpe_ray.remote.wait_all`, so a failure is one line naming the rank.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+
+from cpe_ray.config import Config
+from cpe_ray.remote import actor_env, threads_per_actor, wait_all
+from cpe_ray.weight_sync import free_port
+
+
+def rank_options(cfg: Config, num_ranks: int, strategies: list[Any] | None,
+                 gpus_per_rank: float | None, cpus_per_rank: float | None
+                 ) -> list[dict[str, Any]]:
+    """Ray options of each rank: its CPUs and GPU, its env, its bundle when given."""
+    if strategies is not None and len(strategies) != num_ranks:
+        raise ValueError(f"need {num_ranks} scheduling strategies, got {len(strategies)}")
+    gpus = gpus_per_rank if gpus_per_rank is not None else (1 if cfg.cluster.use_gpu else 0)
+    threads = threads_per_actor(cfg)
+    out = []
+    for rank in range(num_ranks):
+        options: dict[str, Any] = {
+            "num_cpus": cpus_per_rank if cpus_per_rank is not None else (
+                cfg.cluster.cpus_per_bundle),
+            "num_gpus": gpus,
+            "runtime_env": {"env_vars": actor_env(cfg, threads)},
+        }
+        if strategies is not None:
+            options["scheduling_strategy"] = strategies[rank]
+        out.append(options)
+    return out
+
+
+def rank_address() -> tuple[str, int]:
+    """This node's address and a free port on it (rank 0's, for the group's rendezvous).
+
+    The port is checked on every address: torch's TCPStore listens on all of them, so a port
+    free on the node's IP but in use on another (e.g. the local end of a connection to
+    127.0.0.1) failed the rendezvous with EADDRINUSE."""
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def init_rank_process(cfg: Config, rank: int, world: int, master_addr: str,
+                      master_port: int) -> torch.device:
+    """Join DeepSpeed's process group (gloo on CPU, NCCL on GPU); this rank's device."""
+    import deepspeed
+
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_RANK="0",  # Ray shows each rank only its GPU
+    )
+    use_gpu = cfg.cluster.use_gpu
+    deepspeed.init_distributed(
+        dist_backend="nccl" if use_gpu else "gloo",
+        timeout=timedelta(seconds=cfg.learner.dist_timeout_s),
+    )
+    return torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+
+
+def form_group(actors: list[Any], labels: list[str], timeout_s: float,
+               what: str = "learner") -> list[Any]:
+    """Rank 0 picks the rendezvous address; every rank's `setup(host, port)` joins there."""
+    host, port = wait_all([actors[0].address.remote()], labels[:1], timeout_s,
+                          f"{what} address")[0]
+    return wait_all([a.setup.remote(host, port) for a in actors], labels, timeout_s,
+                    f"{what} start-up")

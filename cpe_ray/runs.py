@@ -1,0 +1,101 @@
+"""What every training job shares: its run directory, atomic checkpoints, resume, joining Ray.
+
+`cpe-ray train`, `sft`, `grm train` and `rm train` all write
+
+    <run.output_dir>/<name>/config.yaml, metrics.jsonl, wandb/
+    <run.output_dir>/<name>/checkpoints/step-N/{<model dir> (HF), state/, trainer_state.json}
+
+A checkpoint is written into a hidden temporary directory and renamed into place when
+complete, so a crash never leaves a partial `step-N`; only directories holding
+`trainer_state.json` count as checkpoints. `resume=auto` takes the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cpe_ray.config import Config
+from cpe_ray.errors import ConfigError
+from cpe_ray.paths import resolve_path
+
+# Set by Ray's job supervisor for a job's driver only (not by `ray start`, not in a shell).
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+CKPT_PREFIX = "step-"
+TRAINER_STATE = "trainer_state.json"
+STATE_DIR = "state"  # the full training state (DeepSpeed's files) inside a checkpoint
+
+
+def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where to run: `cluster.address`, else the job's cluster when this is a Ray job's driver
+    (a driver that started a Ray of its own there could not run the job's actors: they
+    inherit its runtime env, whose working dir lives in the outer cluster), else None: a
+    fresh local Ray, whatever RAY_ADDRESS a user's shell holds."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    return "auto" if JOB_DRIVER_ENV in environ else None
+
+
+def init_ray(cfg: Config) -> bool:
+    """Connect to (or start) Ray unless this process already has; True if it did."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address(cfg)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def run_dir_for(cfg: Config, name: str | None = None) -> Path:
+    """`run.output_dir/<name>`; the name is `run.name` for `cpe-ray train`."""
+    return Path(cfg.run.output_dir).expanduser() / (name or cfg.run.name)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Whole checkpoints, oldest first (a crash mid-write leaves only a .tmp directory)."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
+
+
+def find_resume(mode: str, run_dir: Path, key: str) -> Path | None:
+    """The checkpoint `mode` ("never", "auto" or a path; the config key `key`) points to."""
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = checkpoints(run_dir)
+        return found[-1] if found else None
+    path = resolve_path(mode)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"{key}={mode}: {path} is not a whole checkpoint "
+                          f"(no {TRAINER_STATE}); use auto, never or a step-N directory")
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None],
+                     trainer_state: Mapping[str, Any]) -> Path:
+    """`write(tmp)` fills a temporary directory, which becomes `checkpoints/step-<step>`
+    with `trainer_state` (must hold "step") once complete."""
+    root = run_dir / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step}"
+    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # atomic: a checkpoint either exists whole or not at all
+    return final
