@@ -112,7 +112,7 @@ def collect(cfg: Config, say: Callable[[str], None] = print) -> CollectSummary:
 
     d = cfg.distill
     start = time.perf_counter()
-    spec = EndpointSpec.from_eval(d.api, "distill.api")
+    spec = EndpointSpec.from_config(d.api, "distill.api")
     inputs = load_judge_inputs(resolve_path(d.input_path), cfg.data.on_bad_record).records
     template = load_grm_template(cfg.grm.template)
     out, fail = Path(d.output_path).expanduser(), failures_path(cfg)

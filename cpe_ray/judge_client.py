@@ -15,6 +15,7 @@ reward model's path) before any actor starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cpe_ray.config import Config
@@ -25,6 +26,9 @@ from cpe_ray.pipeline import Pending, concat
 from cpe_ray.remote import wait_all
 
 SUPPORTED_BACKENDS = ("rubric", "hf", "vllm", "openai", "bt")
+# Judges in the driver that wait on an endpoint or compute for long run in a thread, so the
+# step's pipeline keeps dispatching engine work meanwhile; the rubric judge takes microseconds.
+THREADED_BACKENDS = ("openai", "bt")
 
 
 def check_backend(cfg: Config) -> None:
@@ -33,7 +37,7 @@ def check_backend(cfg: Config) -> None:
     if g.backend == "openai":
         from cpe_ray.evaluation.endpoint import EndpointSpec
 
-        EndpointSpec.from_grm(g.api).api_key()
+        EndpointSpec.from_config(g.api, "grm.api").api_key()
     if g.backend == "bt" and g.model_path:
         from cpe_ray.models import resolve_model_path
 
@@ -55,7 +59,7 @@ def _local_judge(cfg: Config) -> Any:
     if g.backend == "openai":
         from cpe_ray.evaluation.endpoint import EndpointClient, EndpointGRMJudge, EndpointSpec
 
-        return EndpointGRMJudge(EndpointClient(EndpointSpec.from_grm(g.api)), g)
+        return EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(g.api, "grm.api")), g)
     from cpe_ray.reward_model import make_bt_judge
 
     return make_bt_judge(cfg)
@@ -69,14 +73,17 @@ class JudgeClient:
         self.local = _local_judge(cfg) if judge_in_driver(cfg) else None
         if self.local is None and not self.actors:
             raise ValueError(f"grm.backend={cfg.grm.backend} needs GRM actors")
+        # one worker: the judge sees one batch at a time, as an actor would
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge") if (
+            self.local is not None and cfg.grm.backend in THREADED_BACKENDS) else None
 
     def submit(self, requests: Sequence[JudgeRequest], mode: str, seed: int) -> Pending:
-        """Start judging: work in flight that yields one outcome per request, in order.
-
-        A judge in the driver runs here, before this returns (the engines' work already
-        submitted goes on meanwhile)."""
+        """Start judging: work in flight that yields one outcome per request, in order."""
         check_mode(mode)
         what = f"GRM judging ({mode})"
+        if self._thread is not None:
+            return Pending.in_thread(self._thread.submit(self.local.judge, list(requests), mode,
+                                                         seed), what)
         if self.local is not None:
             return Pending.done(self.local.judge(requests, mode, seed), what)
         parts = [rows for rows in split_even(len(requests), len(self.actors)) if rows]
@@ -88,6 +95,8 @@ class JudgeClient:
               ) -> list[JudgeOutcome]:
         """Judge and wait (for callers with nothing to overlap)."""
         pending = self.submit(requests, mode, seed)
+        if pending.thread is not None:
+            return pending.thread.result()
         if not pending.refs:
             return pending.value
         return pending.combine(wait_all(pending.refs, pending.labels,

@@ -5,8 +5,9 @@ while other engines still generate, and an answer's rewrite can start as soon as
 critique is back. `Pipeline.then(pending, phase, callback)` registers work in flight;
 `run()` waits on every outstanding future at once and fires callbacks in completion order
 (callbacks may register more work). Each phase's span (first submission to last result) is
-recorded for the step's timing. A failure or a stall becomes one `RemoteError` line naming
-the actor, as in `cpe_ray.remote.wait_all`.
+recorded for the step's timing. Work in a thread of this process (a judge that calls an
+HTTP endpoint) is waited on beside the Ray futures, so it never blocks the driver. A failure
+or a stall becomes one `RemoteError` line naming the actor, as in `cpe_ray.remote.wait_all`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,21 +24,31 @@ import ray
 
 from cpe_ray.remote import RemoteError, wait_all
 
+# While a thread's work is pending, Ray futures are polled this often (seconds): the thread
+# cannot wake `ray.wait`.
+THREAD_POLL_S = 0.02
+
 
 @dataclass
 class Pending:
-    """Work in flight: futures with a label each and how to combine their results; or work
-    already done in this process (`Pending.done`), whose callback runs on the next turn."""
+    """Work in flight: Ray futures with a label each and how to combine their results; work
+    already done in this process (`Pending.done`), whose callback runs on the next turn; or
+    work in a thread of this process (`Pending.in_thread`)."""
 
     refs: list[Any]
     labels: list[str]
     what: str
     combine: Callable[[list[Any]], Any] = field(default=lambda parts: parts)
     value: Any = None
+    thread: Future | None = None
 
     @classmethod
     def done(cls, value: Any, what: str) -> Pending:
         return cls([], [], what, value=value)
+
+    @classmethod
+    def in_thread(cls, future: Future, what: str) -> Pending:
+        return cls([], [], what, thread=future)
 
     @classmethod
     def one(cls, ref: Any, label: str, what: str) -> Pending:
@@ -51,6 +64,7 @@ class Pipeline:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._waiting: list[tuple[Pending, set[Any], str, Callable[[Any], None]]] = []
+        self._threads: list[tuple[Pending, str, Callable[[Any], None]]] = []
         self._ready: deque[tuple[Pending, str, Callable[[Any], None]]] = deque()
         self._start: dict[str, float] = {}
         self._end: dict[str, float] = {}
@@ -59,35 +73,58 @@ class Pipeline:
         self._start.setdefault(phase, time.perf_counter())
         if pending.refs:
             self._waiting.append((pending, set(pending.refs), phase, callback))
+        elif pending.thread is not None:
+            self._threads.append((pending, phase, callback))
         else:
             self._ready.append((pending, phase, callback))
 
     def run(self) -> None:
-        """Until nothing is left: fire what is ready, else wait for the next future."""
-        while self._ready or self._waiting:
-            if self._ready:
-                pending, phase, callback = self._ready.popleft()
-                result = pending.value if not pending.refs else pending.combine(
-                    wait_all(pending.refs, pending.labels, 0, pending.what))
-                self._end[phase] = time.perf_counter()
-                callback(result)
+        """Until nothing is left: fire what is ready, else wait for the next completion."""
+        deadline = time.monotonic() + self.timeout_s
+        while self._ready or self._waiting or self._threads:
+            self._collect_threads()
+            if not self._ready:
+                self._wait_once(deadline)
                 continue
-            self._wait_once()
+            pending, phase, callback = self._ready.popleft()
+            if pending.refs:
+                result = pending.combine(wait_all(pending.refs, pending.labels, 0,
+                                                  pending.what))
+            elif pending.thread is not None:
+                result = pending.thread.result()  # the thread's own error, as raised
+            else:
+                result = pending.value
+            self._end[phase] = time.perf_counter()
+            callback(result)
+            deadline = time.monotonic() + self.timeout_s
 
-    def _wait_once(self) -> None:
-        outstanding = [r for _, left, _, _ in self._waiting for r in left]
-        done, _ = ray.wait(outstanding, num_returns=1, timeout=self.timeout_s)
-        if not done:
-            late = sorted({label for p, left, _, _ in self._waiting
-                           for r, label in zip(p.refs, p.labels, strict=True) if r in left})
-            raise RemoteError(f"{self._waiting[0][0].what}: no answer within "
-                              f"{self.timeout_s:g} s from {', '.join(late)}; check that "
-                              "actor's log (ray logs), or raise learner.dist_timeout_s")
+    def _collect_threads(self) -> None:
+        self._ready.extend(t for t in self._threads if t[0].thread.done())
+        self._threads = [t for t in self._threads if not t[0].thread.done()]
+
+    def _wait_once(self, deadline: float) -> None:
+        """Wait for the next Ray future or thread, up to `deadline` (then one line)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            late = sorted({label for p, refs, _, _ in self._waiting
+                           for r, label in zip(p.refs, p.labels, strict=True) if r in refs})
+            late += [f"this process ({p.what})" for p, _, _ in self._threads]
+            what = (self._waiting or self._threads)[0][0].what
+            raise RemoteError(f"{what}: no answer within {self.timeout_s:g} s from "
+                              f"{', '.join(late)}; check that actor's log (ray logs), or "
+                              "raise learner.dist_timeout_s")
+        outstanding = [r for _, refs, _, _ in self._waiting for r in refs]
+        if not outstanding:
+            futures_wait([t[0].thread for t in self._threads], timeout=left,
+                         return_when=FIRST_COMPLETED)
+            return
+        timeout = min(left, THREAD_POLL_S) if self._threads else left
+        done, _ = ray.wait(outstanding, num_returns=1, timeout=timeout)
         still: list[tuple[Pending, set[Any], str, Callable[[Any], None]]] = []
-        for pending, left, phase, callback in self._waiting:
-            left.difference_update(done)
-            if left:
-                still.append((pending, left, phase, callback))
+        for pending, refs, phase, callback in self._waiting:
+            refs.difference_update(done)
+            if refs:
+                still.append((pending, refs, phase, callback))
             else:
                 self._ready.append((pending, phase, callback))
         self._waiting = still

@@ -16,13 +16,12 @@ from cpe_ray.errors import ConfigError
 from cpe_ray.judge_client import JudgeClient, check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
-from cpe_ray.runs import (  # noqa: F401 (JOB_DRIVER_ENV, ray_address: this module's API)
-    JOB_DRIVER_ENV,
+from cpe_ray.runs import (
     STATE_DIR,
     checkpoints,
     find_resume,
     init_ray,
-    ray_address,
+    progress_bar,
     read_trainer_state,
     run_dir_for,
     write_checkpoint,
@@ -45,7 +44,6 @@ def save_checkpoint(rt, run_dir: Path, step: int, run_id: str | None) -> Path:
 
 def train(cfg: Config, progress: bool = True) -> dict:
     import ray
-    from tqdm import tqdm
 
     from cpe_ray.runtime import start_runtime
     from cpe_ray.tracking import Tracker
@@ -79,8 +77,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         total = trainer.total_steps()
         last: dict = {}
         every = cfg.trainer.save_every
-        bar = tqdm(total=total, initial=start, unit="step", desc=cfg.run.name,
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total, start, cfg.run.name, progress)
         for step in range(start, total):
             last = trainer.fit_one(step)
             done = step + 1

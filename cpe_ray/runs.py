@@ -55,6 +55,15 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
+def progress_bar(total: int, start: int, desc: str, progress: bool) -> Any:
+    """A step counter on a terminal; none when output goes to a file or `ray job logs`
+    (carriage-return redraws would fill the log), where each step's line still prints."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", desc=desc,
+                disable=None if progress else True, dynamic_ncols=True)
+
+
 def run_dir_for(cfg: Config, name: str | None = None) -> Path:
     """`run.output_dir/<name>`; the name is `run.name` for `cpe-ray train`."""
     return Path(cfg.run.output_dir).expanduser() / (name or cfg.run.name)

@@ -28,6 +28,7 @@ from cpe_ray.runs import (
     checkpoints,
     find_resume,
     init_ray,
+    progress_bar,
     read_trainer_state,
     run_dir_for,
     write_checkpoint,
@@ -99,7 +100,6 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
     """Train `job` to the end (or resume it); `after(model dir)` runs once the ranks are gone
     and Ray is still up (e.g. generation with the trained model)."""
     import ray
-    from tqdm import tqdm
 
     from actors.supervised import SupervisedGroup
     from cpe_ray.placement import create_pools, plan_learner_only, remove_pools
@@ -135,8 +135,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         evaluation: dict[str, float] = {}
-        bar = tqdm(total=total, initial=start, unit="step", desc=s.name, disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total, start, s.name, progress)
         for step in range(start, total):
             t = time.perf_counter()
             batch = [job.train[i] for i in batch_rows(s, cfg.run.seed, len(job.train), step)]

@@ -14,7 +14,7 @@ import logging
 import pytest
 from evaluation_server import ChatServer, first_position_policy, longer_answer_policy
 
-from cpe_ray.config import EvalApiConfig, GRMApiConfig, GRMConfig
+from cpe_ray.config import ApiConfig, GRMConfig
 from cpe_ray.errors import ConfigError
 from cpe_ray.evaluation.endpoint import (
     EndpointClient,
@@ -44,12 +44,12 @@ def key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def client(server: ChatServer, **overrides) -> EndpointClient:
-    api = EvalApiConfig(base_url=server.base_url, model="judge-model", api_key_env=KEY_ENV,
+    api = ApiConfig(base_url=server.base_url, model="judge-model", api_key_env=KEY_ENV,
                         timeout_s=5.0, max_retries=4, backoff_initial_s=0.01,
                         backoff_max_s=0.05, max_concurrency=4)
     for k, v in overrides.items():
         setattr(api, k, v)
-    return EndpointClient(EndpointSpec.from_eval(api))
+    return EndpointClient(EndpointSpec.from_config(api, "eval.api"))
 
 
 def pairwise(c: EndpointClient) -> EndpointPairwiseJudge:
@@ -129,9 +129,9 @@ def test_wrong_key_stops_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_key_variable_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV)
-    api = EvalApiConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+    api = ApiConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
     with pytest.raises(ConfigError, match=rf"\${KEY_ENV}, which is not set"):
-        EndpointClient(EndpointSpec.from_eval(api))
+        EndpointClient(EndpointSpec.from_config(api, "eval.api"))
 
 
 def test_grm_on_an_endpoint() -> None:
@@ -143,8 +143,8 @@ def test_grm_on_an_endpoint() -> None:
 
     cfg = GRMConfig(backend="openai")
     with ChatServer(grm_policy, KEY) as server:
-        cfg.api = GRMApiConfig(base_url=server.base_url, model="grm", api_key_env=KEY_ENV)
-        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_grm(cfg.api)), cfg)
+        cfg.api = ApiConfig(base_url=server.base_url, model="grm", api_key_env=KEY_ENV)
+        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(cfg.api, "grm.api")), cfg)
         outcomes = judge.judge([JudgeRequest(PERSONA, QUESTION, "Keep the lights bright."),
                                 JudgeRequest(PERSONA, QUESTION, "Sleep.")], "score")
     rewards = [weighted_reward(o.judgement) for o in outcomes]

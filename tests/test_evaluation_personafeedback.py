@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 from evaluation_server import ChatServer, longer_answer_policy
 
-from cpe_ray.config import Config, EvalApiConfig, GRMConfig
+from cpe_ray.config import ApiConfig, Config, GRMConfig
 from cpe_ray.data import load_personafeedback
 from cpe_ray.evaluation.endpoint import EndpointClient, EndpointPairwiseJudge, EndpointSpec
 from cpe_ray.evaluation.pairwise import LengthPairwiseJudge, load_pairwise_template
@@ -105,9 +105,9 @@ def test_rubric_judge_table_matches_its_own_rewards(cases) -> None:
 def test_endpoint_judge_on_personafeedback(cases, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CPE_RAY_TEST_PF_KEY", "k-123")
     with ChatServer(longer_answer_policy, "k-123") as server:
-        api = EvalApiConfig(base_url=server.base_url, model="judge",
+        api = ApiConfig(base_url=server.base_url, model="judge",
                             api_key_env="CPE_RAY_TEST_PF_KEY", max_concurrency=4)
-        judge = EndpointPairwiseJudge(EndpointClient(EndpointSpec.from_eval(api)),
+        judge = EndpointPairwiseJudge(EndpointClient(EndpointSpec.from_config(api, "eval.api")),
                                       load_pairwise_template("pairwise_en.txt"), 32, 0.0, 0)
         results = evaluate_pairwise(cases, judge, both_orders=True)
     assert server.requests == 72  # both orders of 36 cases

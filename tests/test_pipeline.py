@@ -77,3 +77,43 @@ def test_failure_and_stall_are_one_line_naming_the_actor() -> None:
                                           r"rollout engine 0"):
         pipe.run()
     assert time.monotonic() - start < 5
+
+
+def test_work_in_a_thread_never_blocks_remote_work() -> None:
+    """A judge calling an endpoint runs in a driver thread; engine results still dispatch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    after, _ = _remote()
+    pipe = Pipeline(timeout_s=30)
+    order: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        start = time.perf_counter()
+        slow = pool.submit(lambda: time.sleep(1.0) or "judged")
+        pipe.then(Pending.in_thread(slow, "GRM judging"), "judge", order.append)
+        pipe.then(Pending.one(after.remote(0.1, "generated"), "rollout 0", "generation"),
+                  "generate", order.append)
+        pipe.run()
+    assert order == ["generated", "judged"]
+    assert 1.0 <= time.perf_counter() - start < 3.0
+    spans = pipe.spans()
+    assert spans["generate"] < 0.9 <= spans["judge"]
+
+
+def test_a_failing_or_stalled_thread_is_reported() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fail():
+        raise ConnectionError("endpoint down")
+
+    with ThreadPoolExecutor(1) as pool:
+        pipe = Pipeline(timeout_s=30)
+        pipe.then(Pending.in_thread(pool.submit(fail), "GRM judging"), "j",
+                  lambda v: pytest.fail("no result"))
+        with pytest.raises(ConnectionError, match="endpoint down"):
+            pipe.run()
+        pipe = Pipeline(timeout_s=0.3)
+        pipe.then(Pending.in_thread(pool.submit(time.sleep, 2), "GRM judging"), "j",
+                  lambda v: pytest.fail("no result"))
+        with pytest.raises(RemoteError, match=r"GRM judging: no answer within 0.3 s from "
+                                              r"this process \(GRM judging\)"):
+            pipe.run()

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cpe_ray.config import EvalApiConfig, GRMApiConfig, GRMConfig
+from cpe_ray.config import ApiConfig, GRMConfig
 from cpe_ray.errors import ConfigError, CpeError
 from cpe_ray.evaluation.pairwise import (
     PairRequest,
@@ -43,8 +43,6 @@ FATAL_STATUS = frozenset({401, 403, 404})  # wrong key, permission or model: sto
 MAX_ERROR_CHARS = 300
 REDACTED = "***"
 # grm.api has no back-off keys: the GRM endpoint uses these transport settings.
-GRM_ENDPOINT_RETRIES = 5
-GRM_BACKOFF_INITIAL_S, GRM_BACKOFF_MAX_S = 1.0, 30.0
 
 
 class EndpointError(CpeError):
@@ -64,20 +62,12 @@ class EndpointSpec:
     section: str = "eval.api"  # for messages
 
     @classmethod
-    def from_eval(cls, api: EvalApiConfig, section: str = "eval.api") -> EndpointSpec:
-        """An endpoint section shaped like `eval.api` (also `distill.api`, the teacher)."""
+    def from_config(cls, api: ApiConfig, section: str) -> EndpointSpec:
+        """The endpoint a config section describes (`grm.api`, `eval.api`, `distill.api`)."""
         if not (api.base_url and api.model):
             raise ConfigError(f"the endpoint needs {section}.base_url and {section}.model")
         return cls(api.base_url, api.model, api.api_key_env, api.timeout_s, api.max_retries,
                    api.max_concurrency, api.backoff_initial_s, api.backoff_max_s, section)
-
-    @classmethod
-    def from_grm(cls, api: GRMApiConfig) -> EndpointSpec:
-        if not (api.base_url and api.model):
-            raise ConfigError("grm.backend=openai needs grm.api.base_url and grm.api.model")
-        return cls(api.base_url, api.model, api.api_key_env, api.timeout_s,
-                   GRM_ENDPOINT_RETRIES, api.max_concurrency, GRM_BACKOFF_INITIAL_S,
-                   GRM_BACKOFF_MAX_S, section="grm.api")
 
     def api_key(self) -> str:
         """The key from the variable `api_key_env` names (checked before anything starts)."""

@@ -53,7 +53,7 @@ def make_answer_scorer(cfg: Config) -> AnswerScorer:
     if g.backend == "openai":
         from cpe_ray.evaluation.endpoint import EndpointClient, EndpointGRMJudge, EndpointSpec
 
-        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_grm(g.api)), g)
+        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(g.api, "grm.api")), g)
         return GRMScorer(judge, g, judge.describe(), cfg.run.seed)
     assert g.model_path is not None  # config validation requires it for hf, vllm and bt
     if g.backend == "bt":
@@ -82,7 +82,7 @@ def make_pairwise_judge(cfg: Config) -> PairwiseJudge:
             EndpointSpec,
         )
 
-        client = EndpointClient(EndpointSpec.from_eval(e.api))
+        client = EndpointClient(EndpointSpec.from_config(e.api, "eval.api"))
         return EndpointPairwiseJudge(client, template, e.judge_max_new_tokens,
                                      e.judge_temperature, e.max_parse_retries)
     assert e.judge == "hf" and e.judge_model_path is not None  # checked by the config

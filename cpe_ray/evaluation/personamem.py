@@ -221,7 +221,7 @@ def run_personamem(cfg: Config, say: Callable[[str], None] = print) -> dict[str,
     if e.personamem_answerer == "openai":
         from cpe_ray.evaluation.endpoint import EndpointClient, EndpointSpec
 
-        client = EndpointClient(EndpointSpec.from_eval(e.api))
+        client = EndpointClient(EndpointSpec.from_config(e.api, "eval.api"))
         name = f"endpoint {client.describe()}"
         say(f"asking {name} {len(questions)} PersonaMem questions")
         replies = client.chat_many(conversations, temperature=e.temperature,
