@@ -69,6 +69,21 @@ class MetricSums:
         return {k: (v[0], v[1]) for k, v in self.sums.items()}
 
 
+def step_and_report(engine, sums: MetricSums, prefix: str, loss_key: str, loss: float,
+                    world: int) -> None:
+    """One optimiser step, then its loss, gradient norm and learning rate under `prefix/`.
+
+    A rank's loss is its share of the mini-batch's times the world size (DeepSpeed averages
+    gradients over ranks), so the mean over ranks, which the driver reduces to, is the
+    mini-batch's loss."""
+    engine.step()
+    sums.add(f"{prefix}/{loss_key}", loss, 1.0 / world)
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        sums.add(f"{prefix}/grad_norm", float(grad_norm), 1.0 / world)
+    sums.add(f"{prefix}/lr", engine.get_lr()[0], 1.0 / world)
+
+
 def reduce_metrics(parts: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for part in parts:
@@ -298,12 +313,7 @@ class PPOLearnerCore:
                 for key, value in stats.to_dict().items():
                     sums.add(f"policy/{key}", value, tokens)
                 sums.add("policy/entropy", float(ent_term.detach()) * norm / tokens, tokens)
-        self.policy.step()
-        sums.add("policy/loss", total, 1.0 / self.world)  # mean over ranks of rank shares
-        grad_norm = self.policy.get_global_grad_norm()
-        if grad_norm is not None:
-            sums.add("policy/grad_norm", float(grad_norm), 1.0 / self.world)
-        sums.add("policy/lr", self.policy.get_lr()[0], 1.0 / self.world)
+        step_and_report(self.policy, sums, "policy", "loss", total, self.world)
 
     def _critic_step(self, shard: TrainShard, sums: MetricSums) -> None:
         ppo, norm = self.cfg.ppo, self._normalizer(shard)
@@ -325,11 +335,7 @@ class PPOLearnerCore:
                 sums.add("critic/value_clip_frac", float(clip_frac), tokens)
                 sums.add("critic/values", float(alg.masked_mean(values.detach(), m.response_mask)),
                          tokens)
-        self.critic.step()
-        sums.add("critic/value_loss", total, 1.0 / self.world)
-        grad_norm = self.critic.get_global_grad_norm()
-        if grad_norm is not None:
-            sums.add("critic/grad_norm", float(grad_norm), 1.0 / self.world)
+        step_and_report(self.critic, sums, "critic", "value_loss", total, self.world)
 
     @staticmethod
     def _zero_targets(m: Experience) -> Experience:

@@ -26,7 +26,7 @@ import torch
 from cpe_ray import algorithms as alg
 from cpe_ray.config import Config
 from cpe_ray.experience import split_even
-from cpe_ray.learner import MetricSums, gathered_state, init_trained_engine
+from cpe_ray.learner import MetricSums, gathered_state, init_trained_engine, step_and_report
 from cpe_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from cpe_ray.supervised_data import PairTokens, SFTTokens
 
@@ -178,12 +178,7 @@ class SupervisedCore:
             loss = loss_fn(micro, real, norm, sums, "train")
             self.engine.backward(loss, scale_wrt_gas=False)
             total += float(loss.detach())
-        self.engine.step()
-        sums.add("train/loss", total, 1.0 / self.world)  # mean over ranks of rank shares
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            sums.add("train/grad_norm", float(grad_norm), 1.0 / self.world)
-        sums.add("train/lr", self.engine.get_lr()[0], 1.0 / self.world)
+        step_and_report(self.engine, sums, "train", "loss", total, self.world)
         return sums.as_dict()
 
     @torch.no_grad()
