@@ -124,9 +124,7 @@ class LearnerGroup:
         return Pending(refs, list(self.labels), method, combine=torch.cat)
 
     def _per_row(self, method: str, exp: Experience) -> torch.Tensor:
-        pending = self.submit_per_row(method, exp)
-        return pending.combine(wait_all(pending.refs, pending.labels,
-                                        self.cfg.learner.dist_timeout_s, method))
+        return self.submit_per_row(method, exp).wait(self.cfg.learner.dist_timeout_s)
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         return self._per_row("compute_logprobs", exp)

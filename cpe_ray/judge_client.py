@@ -20,10 +20,8 @@ from typing import Any
 
 from cpe_ray.config import Config
 from cpe_ray.experience import split_even
-from cpe_ray.grm import JudgeOutcome
 from cpe_ray.judge import JudgeRequest, check_mode
 from cpe_ray.pipeline import Pending, concat
-from cpe_ray.remote import wait_all
 
 SUPPORTED_BACKENDS = ("rubric", "hf", "vllm", "openai", "bt")
 # Judges in the driver that wait on an endpoint or compute for long run in a thread, so the
@@ -90,14 +88,3 @@ class JudgeClient:
         refs = [a.judge.remote([requests[i] for i in rows], mode, seed * len(self.actors) + k)
                 for k, (a, rows) in enumerate(zip(self.actors, parts, strict=False))]
         return Pending(refs, self.labels[: len(refs)], what, combine=concat)
-
-    def judge(self, requests: Sequence[JudgeRequest], mode: str, seed: int
-              ) -> list[JudgeOutcome]:
-        """Judge and wait (for callers with nothing to overlap)."""
-        pending = self.submit(requests, mode, seed)
-        if pending.thread is not None:
-            return pending.thread.result()
-        if not pending.refs:
-            return pending.value
-        return pending.combine(wait_all(pending.refs, pending.labels,
-                                        self.cfg.learner.dist_timeout_s, pending.what))

@@ -59,6 +59,13 @@ class Pending:
         if len(self.refs) != len(self.labels):
             raise ValueError("one label per future")
 
+    def wait(self, timeout_s: float) -> Any:
+        """The result, for a caller with nothing to overlap (Ray futures within `timeout_s`,
+        else one `RemoteError` line)."""
+        if self.refs:
+            return self.combine(wait_all(self.refs, self.labels, timeout_s, self.what))
+        return self.thread.result() if self.thread is not None else self.value
+
 
 class Pipeline:
     def __init__(self, timeout_s: float) -> None:
@@ -87,13 +94,7 @@ class Pipeline:
                 self._wait_once(deadline)
                 continue
             pending, phase, callback = self._ready.popleft()
-            if pending.refs:
-                result = pending.combine(wait_all(pending.refs, pending.labels, 0,
-                                                  pending.what))
-            elif pending.thread is not None:
-                result = pending.thread.result()  # the thread's own error, as raised
-            else:
-                result = pending.value
+            result = pending.wait(0)  # complete by now; a thread's own error is raised as is
             self._end[phase] = time.perf_counter()
             callback(result)
             deadline = time.monotonic() + self.timeout_s

@@ -34,14 +34,6 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     return find_resume(cfg.trainer.resume, run_dir, "trainer.resume")
 
 
-def save_checkpoint(rt, run_dir: Path, step: int, run_id: str | None) -> Path:
-    def write(tmp: Path) -> None:
-        rt.learner.export_hf(str(tmp / POLICY_DIR))
-        rt.learner.save_state(str(tmp / STATE_DIR))
-
-    return write_checkpoint(run_dir, step, write, {"wandb_run_id": run_id})
-
-
 def train(cfg: Config, progress: bool = True) -> dict:
     import ray
 
@@ -69,7 +61,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         start, run_id = 0, None
         if resume is not None:
             state = read_trainer_state(resume)
-            rt.learner.load_state(str(resume / "state"))
+            rt.learner.load_state(str(resume / STATE_DIR))
             rt.learner.sync_weights()  # engines must sample from the restored policy
             start, run_id = int(state["step"]), state.get("wandb_run_id")
         tracker = Tracker(cfg, run_dir, run_id)
@@ -82,7 +74,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
             last = trainer.fit_one(step)
             done = step + 1
             if done == total or (every and done % every == 0):
-                save_checkpoint(rt, run_dir, done, tracker.run_id)
+                write_checkpoint(rt.learner, run_dir, done, POLICY_DIR, tracker.run_id)
             if progress:
                 bar.write(step_summary(step, total, last))
                 bar.set_postfix(reward=f"{last.get('reward/original/weighted', 0.0):+.3f}")

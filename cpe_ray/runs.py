@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +94,19 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
 
 
-def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None],
-                     trainer_state: Mapping[str, Any]) -> Path:
-    """`write(tmp)` fills a temporary directory, which becomes `checkpoints/step-<step>`
-    with `trainer_state` (must hold "step") once complete."""
+def write_checkpoint(learners: Any, run_dir: Path, step: int, model_dir: str,
+                     run_id: str | None) -> Path:
+    """`checkpoints/step-<step>`: `learners` (a learner group: PPO or supervised) exports its
+    model in HF format to `<model_dir>/` and its full training state to `state/`, beside
+    `trainer_state.json`; all in a temporary directory renamed once complete."""
     root = run_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step}"
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    write(tmp)
-    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}) + "\n")
+    learners.export_hf(str(tmp / model_dir))
+    learners.save_state(str(tmp / STATE_DIR))
+    state = {"step": step, "wandb_run_id": run_id, "model_dir": model_dir}
+    (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)  # atomic: a checkpoint either exists whole or not at all

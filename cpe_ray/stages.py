@@ -149,7 +149,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
             metrics["time/step"] = time.perf_counter() - t
             tracker.log(step, metrics)
             if done == total or (s.save_every and done % s.save_every == 0):
-                _save(group, run_dir, done, job.model_dir, tracker.run_id)
+                write_checkpoint(group, run_dir, done, job.model_dir, tracker.run_id)
             first, last = first or metrics, metrics
             if progress:
                 bar.write(_summary_line(job.section, step, total, metrics))
@@ -157,7 +157,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         bar.close()
         found = checkpoints(run_dir)
         if not found:  # resumed from a checkpoint of another run, already at its last step
-            _save(group, run_dir, total, job.model_dir, tracker.run_id)
+            write_checkpoint(group, run_dir, total, job.model_dir, tracker.run_id)
             found = checkpoints(run_dir)
         group.shutdown()
         group = None
@@ -177,15 +177,6 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         remove_pools(pools)
         if started_ray:
             ray.shutdown()
-
-
-def _save(group: Any, run_dir: Path, step: int, model_dir: str, run_id: str | None) -> Path:
-    def write(tmp: Path) -> None:
-        group.export_hf(str(tmp / model_dir))
-        group.save_state(str(tmp / STATE_DIR))
-
-    return write_checkpoint(run_dir, step, write, {"wandb_run_id": run_id,
-                                                   "model_dir": model_dir})
 
 
 def _write_summary(run_dir: Path, job: StageJob, r: StageResult) -> None:

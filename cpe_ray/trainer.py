@@ -246,9 +246,9 @@ class Trainer:
         timeout = self.cfg.learner.dist_timeout_s
         pending = self._submit_forward(self._experience(prompt_ids, kept, []))
         width = exp.response_width
-        return {name: torch.cat([pad_response(originals[name], width), pad_response(
-            p.combine(wait_all(p.refs, p.labels, timeout, p.what)), width)])
-            for name, p in pending.items()}
+        return {name: torch.cat([pad_response(originals[name], width),
+                                 pad_response(p.wait(timeout), width)])
+                for name, p in pending.items()}
 
     def _submit_forward(self, exp: Experience) -> dict[str, Pending]:
         """The learner's per-token inputs to the update: old (and reference) log-probs, and

@@ -76,7 +76,6 @@ def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
 def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_path) -> None:
     """The step overlaps the originals' forward with post-edit: same numbers as one pass."""
     from cpe_ray.pipeline import Pipeline
-    from cpe_ray.remote import wait_all
 
     cfg, rt = runtime_for()
     trainer = _trainer(cfg, rt, tmp_path)
@@ -87,8 +86,7 @@ def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_
     whole = trainer._experience(s.prompt_ids, s.answers, kept)
 
     def forward(exp):
-        return {name: p.combine(wait_all(p.refs, p.labels, 60, p.what))
-                for name, p in trainer._submit_forward(exp).items()}
+        return {name: p.wait(60) for name, p in trainer._submit_forward(exp).items()}
 
     originals = forward(trainer._experience(s.prompt_ids, s.answers, []))
     parts = trainer._with_rewrites(whole, originals, s.prompt_ids, kept)
