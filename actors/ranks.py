@@ -51,6 +51,22 @@ def rank_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-building its shared-memory all-reduce op.
+
+    DeepSpeed builds that op with ninja under ~/.cache/torch_extensions the first time any
+    process joins a group on a CPU, behind a lock file. A build killed mid-way leaves the lock,
+    and every later start on that machine then waits on it forever (this is what made CI
+    time out). The op serves only `inference_all_reduce`; training's collectives go through
+    torch.distributed (gloo) either way, so marking it incompatible changes no result."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def init_rank_process(cfg: Config, rank: int, world: int, master_addr: str,
                       master_port: int) -> torch.device:
     """Join DeepSpeed's process group (gloo on CPU, NCCL on GPU); this rank's device."""
@@ -61,6 +77,7 @@ def init_rank_process(cfg: Config, rank: int, world: int, master_addr: str,
         WORLD_SIZE=str(world), LOCAL_RANK="0",  # Ray shows each rank only its GPU
     )
     use_gpu = cfg.cluster.use_gpu
+    skip_shm_comm_build()
     deepspeed.init_distributed(
         dist_backend="nccl" if use_gpu else "gloo",
         timeout=timedelta(seconds=cfg.learner.dist_timeout_s),
