@@ -1,11 +1,14 @@
-"""`python -m launch.submit [--address URL] [--config FILE] [--no-wait] [key=value ...]`.
+"""`python -m launch.submit [--address URL] [--stage S] [--config FILE] [--no-wait] [k=v ...]`.
 
-Submits `python -m launch.train` as a Ray job, shipping the repository as the working dir
-with the runtime env of `launch/runtime_env.yaml`, then follows the job's logs until it ends.
-The config is validated here first, so a bad key costs one line and no cluster round trip.
+Submits a cpe-ray command as a Ray job (`python -m launch.train` by default; `--stage` picks
+SFT, GRM training or Bradley-Terry training instead), shipping the repository as the working
+dir with the runtime env of `launch/runtime_env.yaml`, then follows the job's logs until it
+ends. The config is validated here first, so a bad key costs one line and no cluster round
+trip.
 
     python -m launch.submit --address http://127.0.0.1:8265 \
         --config conf/experiment/qwen2.5-7b-cpe.yaml policy.model_path=/ckpt/sft-7b
+    python -m launch.submit --stage sft --config conf/experiment/qwen2.5-stages.yaml
 
 Exit status: 0 when the job SUCCEEDED (or was submitted, with --no-wait); 1 when it failed,
 was stopped, or the cluster could not be reached; 2 for a bad config or argument.
@@ -34,7 +37,14 @@ from cpe_ray.errors import CpeError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV_FILE = REPO_ROOT / "launch" / "runtime_env.yaml"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ENTRYPOINT = ("python", "-m", "launch.train")
+# What each --stage runs: the launch/ module of the cpe-ray command of the same name.
+ENTRYPOINTS: dict[str, tuple[str, ...]] = {
+    "train": ("python", "-m", "launch.train"),
+    "sft": ("python", "-m", "launch.sft"),
+    "grm-train": ("python", "-m", "launch.grm", "train"),
+    "rm-train": ("python", "-m", "launch.rm", "train"),
+}
+DEFAULT_STAGE = "train"
 CONNECT_TIMEOUT_S = 5.0
 # Right after `ray start`, the head's job agent may not be registered yet.
 AGENT_WAIT_S = 60.0
@@ -120,8 +130,9 @@ def runtime_env() -> dict[str, Any]:
     return env
 
 
-def entrypoint(config: str | None, overrides: Sequence[str]) -> str:
-    args = [*ENTRYPOINT, *(["--config", config] if config else []), *overrides]
+def entrypoint(config: str | None, overrides: Sequence[str], stage: str = DEFAULT_STAGE
+               ) -> str:
+    args = [*ENTRYPOINTS[stage], *(["--config", config] if config else []), *overrides]
     return shlex.join(args)
 
 
@@ -208,10 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default=None,
                         help="the Ray dashboard (jobs API); default: an http(s) "
                              "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else " + DEFAULT_ADDRESS)
+    parser.add_argument("--stage", choices=tuple(ENTRYPOINTS), default=DEFAULT_STAGE,
+                        help="the command the job runs: train (CPE / PPO, the default), sft, "
+                             "grm-train or rm-train (`grm collect` calls an API from where "
+                             "its key is: run it with cpe-ray, not as a job)")
     parser.add_argument("--config", default=None, help="YAML file inside the repository")
     parser.add_argument("--no-wait", action="store_true",
                         help="return once the job is submitted instead of following it")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for cpe-ray train")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides, as for the cpe-ray command")
     return parser
 
 
@@ -225,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     address = resolve_address(args.address)
     client = connect(address)
-    entry = entrypoint(config, overrides)
+    entry = entrypoint(config, overrides, args.stage)
     try:
         job_id = submit(client, entry, runtime_env())
     except Exception as exc:

@@ -384,6 +384,12 @@ def test_submit_address_and_entrypoint():
         submit.resolve_address("ray://h:10001", {})
     assert submit.entrypoint("conf/x y.yaml", ["run.name=a b"]) == (
         "python -m launch.train --config 'conf/x y.yaml' 'run.name=a b'")
+    assert submit.entrypoint(None, ["sft.max_steps=1"], "sft") == (
+        "python -m launch.sft sft.max_steps=1")
+    assert submit.entrypoint(None, [], "grm-train") == "python -m launch.grm train"
+    assert submit.entrypoint(None, [], "rm-train") == "python -m launch.rm train"
+    for stage, entry in submit.ENTRYPOINTS.items():  # each names a module that exists
+        assert (REPO / (entry[2].replace(".", "/") + ".py")).is_file(), stage
     env = submit.runtime_env()
     assert env["working_dir"] == str(REPO) and ".venv/" in env["excludes"]
 
@@ -512,5 +518,19 @@ def test_ray_job_submit_end_to_end(local_head, tmp_path):
     assert cli.returncode == 0, log[-4000:]
     assert "Started a local Ray instance" not in log
     _check_run(out2, log)
+    t2 = time.monotonic()
+    # 3. The helper with --stage: stage 1 (SFT) as a job, its checkpoint on the same disk.
+    out3 = tmp_path / "out-sft"
+    sft = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--address", local_head.address,
+         "--stage", "sft", "sft.max_steps=1", f"run.output_dir={out3}",
+         "logging.wandb_mode=disabled"],
+        cwd=REPO, env=local_head.env, capture_output=True, text=True, timeout=480)
+    log = sft.stdout + sft.stderr
+    assert sft.returncode == 0, log[-4000:]
+    assert "python -m launch.sft sft.max_steps=1" in sft.stdout
+    summary = json.loads((out3 / "sft-tiny" / "summary.json").read_text())
+    assert summary["stage"] == "sft" and summary["steps"] == 1, summary
+    assert (out3 / "sft-tiny" / "checkpoints" / "step-1" / "policy" / "config.json").is_file()
     print(f"\nray job submit end to end: helper {t1 - t0:.1f} s, ray job submit CLI "
-          f"{time.monotonic() - t1:.1f} s")
+          f"{t2 - t1:.1f} s, helper --stage sft {time.monotonic() - t2:.1f} s")
