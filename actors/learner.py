@@ -14,29 +14,19 @@ from typing import Any
 import ray
 import torch
 
-from actors.ranks import form_group, init_rank_process, rank_address, rank_options
+from actors.ranks import RankActor, RankGroup
 from cpe_ray.config import Config
 from cpe_ray.experience import Experience, split_even
 from cpe_ray.learner import PPOLearnerCore, TrainShard, reduce_metrics
 from cpe_ray.pipeline import Pending
-from cpe_ray.remote import threads_per_actor, wait_all
+from cpe_ray.remote import wait_all
 from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats
 
 
 @ray.remote
-class PPOLearner:
-    def __init__(self, cfg: Config, rank: int, world_size: int) -> None:
-        torch.set_num_threads(threads_per_actor(cfg))
-        self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.core: PPOLearnerCore | None = None
-
-    def address(self) -> tuple[str, int]:
-        return rank_address()
-
-    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        device = init_rank_process(self.cfg, self.rank, self.world, master_addr, master_port)
-        self.core = PPOLearnerCore(self.cfg, self.rank, self.world, device)
-        return self.core.info()
+class PPOLearner(RankActor):
+    def make_core(self, device: torch.device) -> PPOLearnerCore:
+        return PPOLearnerCore(self.cfg, self.rank, self.world, device)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -55,15 +45,6 @@ class PPOLearner:
 
     def train(self, shards: list[TrainShard]) -> dict[str, tuple[float, float]]:
         return self.core.train(shards)
-
-    def save_state(self, path: str) -> None:
-        self.core.save_state(path)
-
-    def load_state(self, path: str) -> None:
-        self.core.load_state(path)
-
-    def export_hf(self, path: str) -> None:
-        self.core.export_hf(path)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return self.core.policy_state()
@@ -84,33 +65,17 @@ class PPOLearner:
         return self.core.push_weights_ipc(manifest, load if engine is not None else None, tp)
 
 
-class LearnerGroup:
+class LearnerGroup(RankGroup):
     """Creates `learner.num_ranks` PPOLearner actors and speaks to them as one."""
 
     def __init__(self, cfg: Config, strategies: list[Any] | None = None,
                  gpus_per_rank: float | None = None,
                  cpus_per_rank: float | None = None) -> None:
-        self.cfg = cfg
-        n = cfg.learner.num_ranks
-        options = rank_options(cfg, n, strategies, gpus_per_rank, cpus_per_rank)
-        self.actors = [PPOLearner.options(**options[rank]).remote(cfg, rank, n)
-                       for rank in range(n)]
-        self.labels = [f"learner rank {r}" for r in range(n)]
+        super().__init__(cfg, PPOLearner, (), "learner", strategies, gpus_per_rank,
+                         cpus_per_rank)
         self._manifest: Manifest | None = None
         self._engines: list[Any] = []
         self.zero_copy_send = False  # rank 0's parameters live in the bucket buffers
-
-    def setup(self) -> list[dict[str, Any]]:
-        return form_group(self.actors, self.labels, self.cfg.learner.dist_timeout_s)
-
-    @property
-    def world(self) -> int:
-        return len(self.actors)
-
-    def _call(self, method: str, args_per_rank: list[tuple], what: str) -> list[Any]:
-        futures = [getattr(a, method).remote(*args) for a, args in
-                   zip(self.actors, args_per_rank, strict=True)]
-        return wait_all(futures, self.labels, self.cfg.learner.dist_timeout_s, what)
 
     def _num_micro(self, rows_per_rank: list[int]) -> int:
         return max(1, math.ceil(max(rows_per_rank) / self.cfg.learner.micro_batch_size))
@@ -154,17 +119,8 @@ class LearnerGroup:
         parts = self._call("train", [(s,) for s in per_rank], "PPO update")
         return reduce_metrics(parts)
 
-    def save_state(self, path: str) -> None:
-        self._call("save_state", [(path,)] * self.world, "save learner state")
-
-    def load_state(self, path: str) -> None:
-        self._call("load_state", [(path,)] * self.world, "load learner state")
-
-    def export_hf(self, path: str) -> None:
-        self._call("export_hf", [(path,)] * self.world, "export policy")
-
     def policy_state(self) -> dict[str, torch.Tensor]:
-        return self._call("policy_state", [()] * self.world, "gather policy")[0]
+        return self._on_all("policy_state")[0]
 
     # --- weight sync ------------------------------------------------------------------------
     @property

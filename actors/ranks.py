@@ -1,9 +1,10 @@
 """What every DeepSpeed rank group shares: actor options, the process group, the start-up dance.
 
-`PPOLearner` (actors/learner.py) and `SupervisedRank` (actors/supervised.py) are both one
-data-parallel rank each; their groups place the ranks in placement-group bundles the same
-way, ask rank 0 for a free address, and have every rank join DeepSpeed's group there. All
-remote calls go through `cpe_ray.remote.wait_all`, so a failure is one line naming the rank.
+`PPOLearner` (actors/learner.py) and `SupervisedRank` (actors/supervised.py) are both a
+`RankActor`: one data-parallel rank that forwards to its core. Their groups are `RankGroup`s:
+they place the ranks in placement-group bundles, ask rank 0 for a free address, have every
+rank join DeepSpeed's group there, and save, load and export through every rank. All remote
+calls go through `cpe_ray.remote.wait_all`, so a failure is one line naming the rank.
 """
 
 from __future__ import annotations
@@ -85,10 +86,79 @@ def init_rank_process(cfg: Config, rank: int, world: int, master_addr: str,
     return torch.device("cuda", 0) if use_gpu else torch.device("cpu")
 
 
-def form_group(actors: list[Any], labels: list[str], timeout_s: float,
-               what: str = "learner") -> list[Any]:
-    """Rank 0 picks the rendezvous address; every rank's `setup(host, port)` joins there."""
-    host, port = wait_all([actors[0].address.remote()], labels[:1], timeout_s,
-                          f"{what} address")[0]
-    return wait_all([a.setup.remote(host, port) for a in actors], labels, timeout_s,
-                    f"{what} start-up")
+class RankActor:
+    """One DeepSpeed data-parallel rank as a Ray actor: it sets up its process, builds its
+    core (`make_core`), and forwards to it. Subclasses add their own forwards."""
+
+    def __init__(self, cfg: Config, rank: int, world: int) -> None:
+        torch.set_num_threads(threads_per_actor(cfg))
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.core: Any = None
+
+    def make_core(self, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def address(self) -> tuple[str, int]:
+        return rank_address()
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        device = init_rank_process(self.cfg, self.rank, self.world, master_addr, master_port)
+        self.core = self.make_core(device)
+        return self.core.info()
+
+    def save_state(self, path: str) -> None:
+        self.core.save_state(path)
+
+    def load_state(self, path: str) -> None:
+        self.core.load_state(path)
+
+    def export_hf(self, path: str) -> None:
+        self.core.export_hf(path)
+
+
+class RankGroup:
+    """`learner.num_ranks` actors of one `RankActor` class, spoken to as one; every call is a
+    bounded wait (`learner.dist_timeout_s`) whose failure is one line naming the rank."""
+
+    def __init__(self, cfg: Config, actor_cls: Any, args: tuple, what: str,
+                 strategies: list[Any] | None, gpus_per_rank: float | None,
+                 cpus_per_rank: float | None) -> None:
+        self.cfg, self.what = cfg, what
+        n = cfg.learner.num_ranks
+        options = rank_options(cfg, n, strategies, gpus_per_rank, cpus_per_rank)
+        self.actors = [actor_cls.options(**options[r]).remote(cfg, *args, r, n)
+                       for r in range(n)]
+        self.labels = [f"{what} rank {r}" for r in range(n)]
+
+    @property
+    def world(self) -> int:
+        return len(self.actors)
+
+    def setup(self) -> list[dict[str, Any]]:
+        """Rank 0 picks the rendezvous address; every rank's `setup(host, port)` joins there."""
+        timeout = self.cfg.learner.dist_timeout_s
+        host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
+                              f"{self.what} address")[0]
+        return wait_all([a.setup.remote(host, port) for a in self.actors], self.labels,
+                        timeout, f"{self.what} start-up")
+
+    def _call(self, method: str, args_per_rank: list[tuple], what: str) -> list[Any]:
+        futures = [getattr(a, method).remote(*args) for a, args in
+                   zip(self.actors, args_per_rank, strict=True)]
+        return wait_all(futures, self.labels, self.cfg.learner.dist_timeout_s, what)
+
+    def _on_all(self, method: str, *args: Any) -> list[Any]:
+        return self._call(method, [args] * self.world, f"{self.what} {method}")
+
+    def save_state(self, path: str) -> None:
+        self._on_all("save_state", path)
+
+    def load_state(self, path: str) -> None:
+        self._on_all("load_state", path)
+
+    def export_hf(self, path: str) -> None:
+        self._on_all("export_hf", path)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
