@@ -8,30 +8,22 @@ everything is. Checkpoints are written to a temporary directory and renamed when
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from cpe_ray.config import Config, save_config
+from cpe_ray.config import Config
 from cpe_ray.data import load_prompts
 from cpe_ray.errors import ConfigError
 from cpe_ray.judge_client import JudgeClient, check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
 from cpe_ray.runs import (
-    STATE_DIR,
+    POLICY_DIR,
     checkpoints,
-    find_resume,
     init_ray,
+    is_due,
+    open_run,
     progress_bar,
-    read_trainer_state,
-    run_dir_for,
+    restore,
     write_checkpoint,
 )
-
-POLICY_DIR = "policy"  # the HF policy inside a checkpoint (`policy.model_path` takes it)
-
-
-def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    return find_resume(cfg.trainer.resume, run_dir, "trainer.resume")
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
@@ -49,10 +41,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     resolve_model_path(cfg.policy.model_path)
     if cfg.grm.model_path:
         resolve_model_path(cfg.grm.model_path)
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = resume_point(cfg, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir, resume = open_run(cfg, None, cfg.trainer.resume, "trainer.resume")
 
     started_ray = init_ray(cfg)
     rt = start_runtime(cfg)
@@ -60,20 +49,17 @@ def train(cfg: Config, progress: bool = True) -> dict:
     try:
         start, run_id = 0, None
         if resume is not None:
-            state = read_trainer_state(resume)
-            rt.learner.load_state(str(resume / STATE_DIR))
+            start, run_id = restore(rt.learner, resume)
             rt.learner.sync_weights()  # engines must sample from the restored policy
-            start, run_id = int(state["step"]), state.get("wandb_run_id")
         tracker = Tracker(cfg, run_dir, run_id)
         trainer = Trainer(cfg, rt, JudgeClient(cfg, rt.grms, rt.grm_labels), records, tracker)
         total = trainer.total_steps()
         last: dict = {}
-        every = cfg.trainer.save_every
         bar = progress_bar(total, start, cfg.run.name, progress)
         for step in range(start, total):
             last = trainer.fit_one(step)
             done = step + 1
-            if done == total or (every and done % every == 0):
+            if is_due(done, total, cfg.trainer.save_every):
                 write_checkpoint(rt.learner, run_dir, done, POLICY_DIR, tracker.run_id)
             if progress:
                 bar.write(step_summary(step, total, last))

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cpe_ray.config import Config
+from cpe_ray.config import Config, save_config
 from cpe_ray.errors import ConfigError
 from cpe_ray.paths import resolve_path
 
@@ -29,6 +29,7 @@ JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"  # the full training state (DeepSpeed's files) inside a checkpoint
+POLICY_DIR = "policy"  # the HF policy inside a checkpoint (`policy.model_path` takes it)
 
 
 def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -69,6 +70,23 @@ def run_dir_for(cfg: Config, name: str | None = None) -> Path:
     return Path(cfg.run.output_dir).expanduser() / (name or cfg.run.name)
 
 
+def open_run(cfg: Config, name: str | None, resume_mode: str, resume_key: str
+             ) -> tuple[Path, Path | None]:
+    """The run directory (created, with the resolved `config.yaml`) and the checkpoint to
+    resume from (`resume_mode` is the config key `resume_key`), checked before Ray starts."""
+    run_dir = run_dir_for(cfg, name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = find_resume(resume_mode, run_dir, resume_key)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir, resume
+
+
+def is_due(done: int, total: int, every: int) -> bool:
+    """Checkpoint (or evaluate) after `done` steps: at the last step, and every `every`
+    steps when `every` > 0."""
+    return done == total or bool(every and done % every == 0)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Whole checkpoints, oldest first (a crash mid-write leaves only a .tmp directory)."""
     root = run_dir / "checkpoints"
@@ -92,6 +110,14 @@ def find_resume(mode: str, run_dir: Path, key: str) -> Path | None:
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def restore(learners: Any, checkpoint: Path) -> tuple[int, str | None]:
+    """Load `checkpoint`'s full training state into `learners` (a learner group); the step
+    it was written at and its wandb run id."""
+    state = read_trainer_state(checkpoint)
+    learners.load_state(str(checkpoint / STATE_DIR))
+    return int(state["step"]), state.get("wandb_run_id")
 
 
 def write_checkpoint(learners: Any, run_dir: Path, step: int, model_dir: str,

@@ -17,10 +17,9 @@ from cpe_ray.config import Config
 from cpe_ray.data import load_sft
 from cpe_ray.models import load_tokenizer, resolve_model_path
 from cpe_ray.paths import resolve_path
+from cpe_ray.runs import POLICY_DIR
 from cpe_ray.stages import StageJob, StageResult, run_stage
 from cpe_ray.supervised_data import heldout_split, tokenize_conversation
-
-POLICY_DIR = "policy"
 
 
 def prepare_sft(cfg: Config) -> StageJob:

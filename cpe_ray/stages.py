@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpe_ray.config import Config, StageTrainConfig, save_config
+from cpe_ray.config import Config, StageTrainConfig
 from cpe_ray.errors import DataError
 from cpe_ray.runs import (
-    STATE_DIR,
     checkpoints,
-    find_resume,
     init_ray,
+    is_due,
+    open_run,
     progress_bar,
-    read_trainer_state,
-    run_dir_for,
+    restore,
     write_checkpoint,
 )
 from cpe_ray.supervised import Example
@@ -110,10 +109,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
     if not job.train:
         raise DataError(f"{job.section}: no training examples left (see the data counts: "
                         f"{job.data}); add data or lower {job.section}.eval_fraction")
-    run_dir = run_dir_for(cfg, s.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = find_resume(s.resume, run_dir, f"{job.section}.resume")
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir, resume = open_run(cfg, s.name, s.resume, f"{job.section}.resume")
     total = total_steps(s, len(job.train))
     spec = SupervisedSpec(job.task, job.model_path, s.lr, s.schedule, s.warmup_steps, total)
 
@@ -128,9 +124,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         group.setup()
         start, run_id = 0, None
         if resume is not None:
-            state = read_trainer_state(resume)
-            group.load_state(str(resume / STATE_DIR))
-            start, run_id = int(state["step"]), state.get("wandb_run_id")
+            start, run_id = restore(group, resume)
         tracker = Tracker(cfg, run_dir, run_id, name=s.name, job_type=job.section)
         first: dict[str, float] = {}
         last: dict[str, float] = {}
@@ -143,12 +137,12 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
             metrics["train/examples"] = float(len(batch))
             metrics["train/targets"] = float(sum(e.num_targets for e in batch))
             done = step + 1
-            if job.heldout and (done == total or (s.eval_every and done % s.eval_every == 0)):
+            if job.heldout and is_due(done, total, s.eval_every):
                 evaluation = group.evaluate(job.heldout)
                 metrics.update(evaluation)
             metrics["time/step"] = time.perf_counter() - t
             tracker.log(step, metrics)
-            if done == total or (s.save_every and done % s.save_every == 0):
+            if is_due(done, total, s.save_every):
                 write_checkpoint(group, run_dir, done, job.model_dir, tracker.run_id)
             first, last = first or metrics, metrics
             if progress:

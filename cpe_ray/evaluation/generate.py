@@ -17,15 +17,14 @@ from cpe_ray.chat import apply_chat_template, build_policy_messages, load_policy
 from cpe_ray.config import Config
 from cpe_ray.engines.base import SamplingParams
 from cpe_ray.paths import resolve_path
-
-CHECKPOINT_POLICY_DIR = "policy"  # where training writes the HF policy inside a checkpoint
+from cpe_ray.runs import POLICY_DIR
 
 
 def eval_model_path(cfg: Config) -> str:
     """eval.model_path or policy.model_path; a checkpoint dir resolves to its policy/."""
     path = cfg.eval.model_path or cfg.policy.model_path
     local = resolve_path(path)
-    inner = local / CHECKPOINT_POLICY_DIR
+    inner = local / POLICY_DIR
     if local.is_dir() and not (local / "config.json").is_file() and (
             inner / "config.json").is_file():
         return str(inner)
@@ -37,7 +36,7 @@ def model_label(cfg: Config) -> str:
     if cfg.eval.model_name:
         return cfg.eval.model_name
     path = Path(eval_model_path(cfg))
-    if path.name == CHECKPOINT_POLICY_DIR:
+    if path.name == POLICY_DIR:
         path = path.parent
     return f"{path.parent.parent.name}-{path.name}" if path.name.startswith("step-") else (
         path.name or str(path))
