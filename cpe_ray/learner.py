@@ -126,18 +126,42 @@ def init_trained_engine(cfg: Config, model: torch.nn.Module, lr: float, world: i
     return engine
 
 
-def gathered_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor]:
-    """Full weights of `module` on rank 0 (others get {}); under ZeRO-3 every rank must call."""
+def gathered(params: list[torch.nn.Parameter], zero3: bool) -> Any:
+    """A context in which `params` are whole: ZeRO-3 gathers them (every rank must enter);
+    otherwise they already are."""
+    if not zero3:
+        return nullcontext()
     import deepspeed
 
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def gathered_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor]:
+    """Full weights of `module` on rank 0 (others get {}); under ZeRO-3 every rank must call."""
     state = {}
     for name, param in module.named_parameters():
-        ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else (
-            nullcontext())
-        with ctx:
+        with gathered([param], zero3):
             if rank == 0:
                 state[name] = param.data.detach().cpu().clone()
     return state
+
+
+def export_hf_model(module: torch.nn.Module, tokenizer: Any, zero3: bool, rank: int,
+                    path: str) -> None:
+    """`module` as a Hugging Face directory with its tokenizer: rank 0 writes, all call."""
+    state = gathered_state(module, zero3, rank)
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+
+def load_engine_state(engine: Any, path: str, tag: str) -> None:
+    """Weights, optimiser and scheduler saved under `path` with `tag` (all ranks call)."""
+    loaded, _ = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise FileNotFoundError(f"no {tag} state under {path}")
 
 
 class PPOLearnerCore:
@@ -354,27 +378,12 @@ class PPOLearnerCore:
 
     def load_state(self, path: str) -> None:
         for engine, tag in ((self.policy, POLICY_TAG), (self.critic, CRITIC_TAG)):
-            if engine is None:
-                continue
-            loaded, _ = engine.load_checkpoint(
-                path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if loaded is None:
-                raise FileNotFoundError(f"no {tag} state under {path}")
-
-    def _gathered(self, params: list[torch.nn.Parameter]):
-        if self.zero3:
-            return self._ds.zero.GatheredParameters(params, modifier_rank=None)
-        return nullcontext()
+            if engine is not None:
+                load_engine_state(engine, path, tag)
 
     def export_hf(self, path: str) -> None:
         """The policy as a Hugging Face model directory (rank 0 writes; all ranks call)."""
-        module = self.policy.module
-        state = self.policy_state()
-        if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            module.save_pretrained(path, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+        export_hf_model(self.policy.module, self.tokenizer, self.zero3, self.rank, path)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Full policy weights on rank 0 (others get {}): for tests and small models."""
@@ -408,7 +417,7 @@ class PPOLearnerCore:
         @contextmanager
         def fetch(bucket: Bucket):
             chosen = [params[t.name] for t in bucket.tensors]
-            with self._gathered(chosen):
+            with gathered(chosen, self.zero3):
                 yield {t.name: params[t.name].data for t in bucket.tensors}
 
         if self.rank == 0:
@@ -445,7 +454,7 @@ class PPOLearnerCore:
         uuid = gpu_uuid(self.device.index or 0)
         for bucket in manifest.buckets:
             chosen = [params[t.name] for t in bucket.tensors]
-            with self._gathered(chosen):
+            with gathered(chosen, self.zero3):
                 flat = pack(bucket, {t.name: params[t.name].data for t in bucket.tensors}, buffer)
                 torch.cuda.synchronize(self.device)
                 handles = {uuid: share_cuda(flat)}

@@ -16,7 +16,6 @@ actor in `actors/supervised.py` is a thin wrapper.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,14 @@ import torch
 from cpe_ray import algorithms as alg
 from cpe_ray.config import Config
 from cpe_ray.experience import split_even
-from cpe_ray.learner import MetricSums, gathered_state, init_trained_engine, step_and_report
+from cpe_ray.learner import (
+    MetricSums,
+    export_hf_model,
+    gathered_state,
+    init_trained_engine,
+    load_engine_state,
+    step_and_report,
+)
 from cpe_ray.models import load_causal_lm, load_tokenizer, torch_dtype
 from cpe_ray.supervised_data import PairTokens, SFTTokens
 
@@ -196,10 +202,7 @@ class SupervisedCore:
         self.engine.save_checkpoint(path, tag=STATE_TAG, save_latest=False)
 
     def load_state(self, path: str) -> None:
-        loaded, _ = self.engine.load_checkpoint(
-            path, tag=STATE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if loaded is None:
-            raise FileNotFoundError(f"no training state under {path}")
+        load_engine_state(self.engine, path, STATE_TAG)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (others get {}): for tests and small models."""
@@ -207,11 +210,7 @@ class SupervisedCore:
 
     def export_hf(self, path: str) -> None:
         """The model as a Hugging Face directory with its tokenizer (rank 0 writes)."""
-        state = self.model_state()
-        if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+        export_hf_model(self.engine.module, self.tokenizer, self.zero3, self.rank, path)
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "device": str(self.device),
