@@ -55,9 +55,9 @@ def _local_judge(cfg: Config) -> Any:
 
         return RubricJudge(g)
     if g.backend == "openai":
-        from cpe_ray.evaluation.endpoint import EndpointClient, EndpointGRMJudge, EndpointSpec
+        from cpe_ray.evaluation.endpoint import EndpointGRMJudge
 
-        return EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(g.api, "grm.api")), g)
+        return EndpointGRMJudge.from_config(g)
     from cpe_ray.reward_model import make_bt_judge
 
     return make_bt_judge(cfg)

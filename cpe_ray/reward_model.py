@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from cpe_ray.chat import load_policy_system_template
 from cpe_ray.config import Config
 from cpe_ray.data import LoadResult, PairwiseExample, load_pairwise, load_personafeedback
-from cpe_ray.evaluation.scorers import BTScorer
+from cpe_ray.evaluation.scorers import BTScorer, bt_scorer
 from cpe_ray.grm import Judgement, JudgeOutcome
 from cpe_ray.judge import JudgeRequest, check_mode
 from cpe_ray.models import load_tokenizer, resolve_model_path
@@ -99,10 +99,6 @@ class BTJudge:
 
 
 def make_bt_judge(cfg: Config) -> BTJudge:
-    """The reward model at `grm.model_path`, on this process's GPU (or the CPU)."""
-    assert cfg.grm.model_path is not None  # the config requires it for grm.backend=bt
+    """The reward model at `grm.model_path` as PPO's judge: it reads whole rollouts."""
     r = cfg.rollout
-    return BTJudge(BTScorer(
-        cfg.grm.model_path, cfg.policy.dtype, None if cfg.cluster.use_gpu else "cpu",
-        cfg.policy.system_template, r.max_prompt_length + r.max_new_tokens,
-        trust_remote_code=cfg.policy.trust_remote_code))
+    return BTJudge(bt_scorer(cfg, r.max_prompt_length + r.max_new_tokens))

@@ -42,7 +42,6 @@ SERVER_ERRORS = 500  # this status and above are retried
 FATAL_STATUS = frozenset({401, 403, 404})  # wrong key, permission or model: stop the run
 MAX_ERROR_CHARS = 300
 REDACTED = "***"
-# grm.api has no back-off keys: the GRM endpoint uses these transport settings.
 
 
 class EndpointError(CpeError):
@@ -218,6 +217,11 @@ class EndpointGRMJudge:
     def __init__(self, client: EndpointClient, cfg: GRMConfig) -> None:
         self.client, self.cfg = client, cfg
         self.template = load_grm_template(cfg.template)
+
+    @classmethod
+    def from_config(cls, cfg: GRMConfig) -> EndpointGRMJudge:
+        """The GRM served at `grm.api` (its key variable is checked here)."""
+        return cls(EndpointClient(EndpointSpec.from_config(cfg.api, "grm.api")), cfg)
 
     def describe(self) -> str:
         return f"GRM endpoint {self.client.describe()}"

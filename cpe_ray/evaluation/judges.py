@@ -27,7 +27,7 @@ from cpe_ray.evaluation.pairwise import (
     PairwiseJudge,
     load_pairwise_template,
 )
-from cpe_ray.evaluation.scorers import AnswerScorer, BTScorer, GRMScorer, ScorerPairwiseJudge
+from cpe_ray.evaluation.scorers import AnswerScorer, GRMScorer, ScorerPairwiseJudge, bt_scorer
 
 
 def _engine_and_tokenizer(cfg: Config, backend: str, model_path: str):
@@ -51,15 +51,13 @@ def make_answer_scorer(cfg: Config) -> AnswerScorer:
 
         return GRMScorer(RubricJudge(g), g, "rubric judge (offline GRM stand-in)", cfg.run.seed)
     if g.backend == "openai":
-        from cpe_ray.evaluation.endpoint import EndpointClient, EndpointGRMJudge, EndpointSpec
+        from cpe_ray.evaluation.endpoint import EndpointGRMJudge
 
-        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(g.api, "grm.api")), g)
+        judge = EndpointGRMJudge.from_config(g)
         return GRMScorer(judge, g, judge.describe(), cfg.run.seed)
     assert g.model_path is not None  # config validation requires it for hf, vllm and bt
     if g.backend == "bt":
-        return BTScorer(g.model_path, cfg.policy.dtype,
-                        None if cfg.cluster.use_gpu else "cpu", cfg.policy.system_template,
-                        cfg.eval.max_prompt_tokens, trust_remote_code=cfg.policy.trust_remote_code)
+        return bt_scorer(cfg, cfg.eval.max_prompt_tokens)
     from cpe_ray.judge import EngineJudge
 
     engine, tokenizer = _engine_and_tokenizer(cfg, g.backend, g.model_path)

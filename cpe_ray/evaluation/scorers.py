@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cpe_ray.chat import build_policy_messages, load_policy_system_template, render_chat_template
-from cpe_ray.config import GRMConfig
+from cpe_ray.config import Config, GRMConfig
 from cpe_ray.evaluation.pairwise import VERDICT_A, VERDICT_B, VERDICT_TIE, PairRequest, PairVerdict
 from cpe_ray.grm import weighted_reward
 from cpe_ray.judge import Judge, JudgeRequest
@@ -150,3 +150,11 @@ class ScorerPairwiseJudge:
             else:
                 out.append(PairVerdict(compare_rewards(a.reward, b.reward), raw))
         return out
+
+
+def bt_scorer(cfg: Config, max_prompt_tokens: int) -> BTScorer:
+    """The Bradley-Terry model at `grm.model_path`, on this process's GPU (or the CPU)."""
+    assert cfg.grm.model_path is not None  # the config requires it for grm.backend=bt
+    return BTScorer(cfg.grm.model_path, cfg.policy.dtype, None if cfg.cluster.use_gpu else "cpu",
+                    cfg.policy.system_template, max_prompt_tokens,
+                    trust_remote_code=cfg.policy.trust_remote_code)
