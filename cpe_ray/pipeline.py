@@ -100,8 +100,12 @@ class Pipeline:
             deadline = time.monotonic() + self.timeout_s
 
     def _collect_threads(self) -> None:
-        self._ready.extend(t for t in self._threads if t[0].thread.done())
-        self._threads = [t for t in self._threads if not t[0].thread.done()]
+        # One look per thread: asking done() twice could see a thread finish in between and
+        # drop it from both lists, so its callback would never run.
+        still = []
+        for item in self._threads:
+            (self._ready if item[0].thread.done() else still).append(item)
+        self._threads = still
 
     def _wait_once(self, deadline: float) -> None:
         """Wait for the next Ray future or thread, up to `deadline` (then one line)."""
