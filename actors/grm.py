@@ -8,8 +8,9 @@ import ray
 
 from cpe_ray.config import Config
 from cpe_ray.engines.factory import make_engine
-from cpe_ray.grm import JudgeOutcome
-from cpe_ray.judge import EngineJudge, Judge, JudgeRequest
+from cpe_ray.judges.base import Judge, JudgeRequest
+from cpe_ray.judges.engine import EngineJudge
+from cpe_ray.judges.grm import JudgeOutcome
 
 
 @ray.remote
@@ -19,7 +20,7 @@ class GRMJudge:
         import torch
 
         from cpe_ray.models import load_tokenizer
-        from cpe_ray.remote import threads_per_actor
+        from cpe_ray.runtime.remote import threads_per_actor
 
         torch.set_num_threads(threads_per_actor(cfg))
         g = cfg.grm
@@ -27,7 +28,7 @@ class GRMJudge:
             raise ValueError("grm.model_path is required for an engine-backed GRM")
         self.judge_core: Judge
         if g.backend == "bt":
-            from cpe_ray.reward_model import make_bt_judge
+            from cpe_ray.judges.bt import make_bt_judge
 
             self.judge_core = make_bt_judge(cfg)
             return
@@ -37,6 +38,7 @@ class GRMJudge:
             gpu_memory_utilization=g.gpu_memory_utilization,
             max_batch_rows=cfg.rollout.max_batch_rows, bundle_indices=bundle_indices,
             trust_remote_code=cfg.policy.trust_remote_code,
+            kv_cache_memory_bytes=g.kv_cache_memory_bytes,
         )
         tokenizer = load_tokenizer(engine.info().model_path, cfg.policy.trust_remote_code)
         self.judge_core = EngineJudge(engine, tokenizer, g)

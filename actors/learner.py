@@ -1,7 +1,7 @@
 """The `PPOLearner` Ray actor (one DeepSpeed data-parallel rank) and `LearnerGroup`, its driver.
 
 The actor only sets up its process (threads, `torch.distributed`) and forwards calls to
-`cpe_ray.learner.PPOLearnerCore`. The group creates the ranks in their placement bundles,
+`cpe_ray.learners.ppo.PPOLearnerCore`. The group creates the ranks in their placement bundles,
 cuts batches into equal shards and micro-batch counts, reduces metrics, and runs weight
 syncs against the rollout engines with a bounded wait that names a failing peer.
 """
@@ -16,11 +16,11 @@ import torch
 
 from actors.ranks import RankActor, RankGroup
 from cpe_ray.config import Config
-from cpe_ray.experience import Experience, split_even
-from cpe_ray.learner import PPOLearnerCore, TrainShard, reduce_metrics
-from cpe_ray.pipeline import Pending
-from cpe_ray.remote import wait_all
-from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats
+from cpe_ray.learners.ppo import PPOLearnerCore, TrainShard, reduce_metrics
+from cpe_ray.rl.experience import Experience, split_even
+from cpe_ray.runtime.pipeline import Pending
+from cpe_ray.runtime.remote import wait_all
+from cpe_ray.runtime.weight_sync import GroupSpec, Manifest, SyncStats
 
 
 @ray.remote

@@ -4,7 +4,7 @@
 `RankActor`: one data-parallel rank that forwards to its core. Their groups are `RankGroup`s:
 they place the ranks in placement-group bundles, ask rank 0 for a free address, have every
 rank join DeepSpeed's group there, and save, load and export through every rank. All remote
-calls go through `cpe_ray.remote.wait_all`, so a failure is one line naming the rank.
+calls go through `cpe_ray.runtime.remote.wait_all`, so a failure is one line naming the rank.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import ray
 import torch
 
 from cpe_ray.config import Config
-from cpe_ray.remote import actor_env, threads_per_actor, wait_all
-from cpe_ray.weight_sync import free_port
+from cpe_ray.runtime.remote import actor_env, threads_per_actor, wait_all
+from cpe_ray.runtime.weight_sync import free_port
 
 
 def rank_options(cfg: Config, num_ranks: int, strategies: list[Any] | None,

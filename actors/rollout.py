@@ -16,8 +16,8 @@ from cpe_ray.chat import system_prompt as render_system
 from cpe_ray.config import Config
 from cpe_ray.engines.base import Completion, SamplingParams
 from cpe_ray.engines.factory import make_engine
-from cpe_ray.post_edit import EditRequest, build_edit_messages, load_edit_template
-from cpe_ray.weight_sync import GroupSpec, Manifest, SyncStats
+from cpe_ray.rl.post_edit import EditRequest, build_edit_messages, load_edit_template
+from cpe_ray.runtime.weight_sync import GroupSpec, Manifest, SyncStats
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PolicyRollout:
                  gpu_fraction: float | None = None) -> None:
         import torch
 
-        from cpe_ray.remote import threads_per_actor
+        from cpe_ray.runtime.remote import threads_per_actor
 
         torch.set_num_threads(threads_per_actor(cfg))
         self.cfg, self.index = cfg, engine_index
@@ -50,6 +50,7 @@ class PolicyRollout:
             enable_sleep=r.enable_sleep, max_batch_rows=r.max_batch_rows,
             bundle_indices=bundle_indices, gpu_fraction=gpu_fraction,
             trust_remote_code=cfg.policy.trust_remote_code,
+            kv_cache_memory_bytes=r.kv_cache_memory_bytes,
         )
         from cpe_ray.models import load_tokenizer
 

@@ -1,9 +1,9 @@
 """The `SupervisedRank` Ray actor (one DeepSpeed rank of SFT or BT training) and its group.
 
-The actor sets up its process and forwards to `cpe_ray.supervised.SupervisedCore`. The group
-places the ranks like the PPO learner's (`actors/ranks.py`), cuts each step's examples into
-equal shards and micro-batch counts, counts the step's targets once for every rank (the loss
-normaliser), and reduces the ranks' metrics.
+The actor sets up its process and forwards to `cpe_ray.learners.supervised.SupervisedCore`.
+The group places the ranks like the PPO learner's (`actors/ranks.py`), cuts each step's
+examples into equal shards and micro-batch counts, counts the step's targets once for every
+rank (the loss normaliser), and reduces the ranks' metrics.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 
 from actors.ranks import RankActor, RankGroup
 from cpe_ray.config import Config
-from cpe_ray.experience import split_even
-from cpe_ray.learner import reduce_metrics
-from cpe_ray.supervised import Example, SupervisedCore, SupervisedShard, SupervisedSpec
+from cpe_ray.learners.ppo import reduce_metrics
+from cpe_ray.learners.supervised import Example, SupervisedCore, SupervisedShard, SupervisedSpec
+from cpe_ray.rl.experience import split_even
 
 
 @ray.remote

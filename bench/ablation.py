@@ -51,7 +51,7 @@ def arm_overrides(path: Path) -> list[str]:
 
 def train_bt(out: Path) -> tuple[str, dict]:
     from cpe_ray.config import load_config
-    from cpe_ray.reward_model import run_rm
+    from cpe_ray.stages.rm import run_rm
 
     result = run_rm(load_config(None, [f"run.output_dir={out}", f"rm.epochs={BT_EPOCHS}",
                                        "logging.wandb_mode=disabled"]), progress=False)
@@ -60,9 +60,9 @@ def train_bt(out: Path) -> tuple[str, dict]:
 
 def rubric_reward(samples: list[dict]) -> float:
     from cpe_ray.config import load_config
-    from cpe_ray.grm import weighted_reward
-    from cpe_ray.judge import JudgeRequest
-    from cpe_ray.rubric import RubricJudge
+    from cpe_ray.judges.base import JudgeRequest
+    from cpe_ray.judges.grm import weighted_reward
+    from cpe_ray.judges.rubric import RubricJudge
 
     g = load_config().grm
     outcomes = RubricJudge(g).judge([JudgeRequest(s["persona"], s["question"], s["answer"])

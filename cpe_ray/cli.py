@@ -33,7 +33,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_grm_parse(args: argparse.Namespace) -> int:
-    from cpe_ray.grm import parse_judgement, weighted_reward
+    from cpe_ray.judges.grm import parse_judgement, weighted_reward
 
     if args.file != "-" and not Path(args.file).is_file():
         raise CpeError(f"grm-parse: {args.file} is not a file; give a file or - for stdin")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_check)
 
     from cpe_ray.evaluation.cli import add_eval_commands
-    from cpe_ray.stages_cli import add_stage_commands
+    from cpe_ray.stages.cli import add_stage_commands
 
     add_stage_commands(sub)
     add_eval_commands(sub)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+import numpy as np
+
 from cpe_ray.chat import Message, load_policy_system_template, render_persona, system_prompt
 from cpe_ray.errors import DataError
 from cpe_ray.paths import resolve_path
@@ -424,3 +426,11 @@ def load_judge_inputs(path: str | Path, on_bad: BadRecordPolicy = "error"
                           _text(obj, "question"), _text(obj, "answer"))
 
     return _load(p, "judge inputs", on_bad, parse)
+
+
+def batch_order(num_records: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The order in which an epoch visits the records: seeded by (seed, epoch), so a resumed
+    run replays exactly the batches an uninterrupted run would draw."""
+    if not shuffle:
+        return list(range(num_records))
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_records)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from cpe_ray.config import Config
 from cpe_ray.data import load_prompts
 from cpe_ray.errors import ConfigError
-from cpe_ray.judge_client import JudgeClient, check_backend
+from cpe_ray.judges.client import JudgeClient, check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
 from cpe_ray.runs import (
@@ -29,9 +29,9 @@ from cpe_ray.runs import (
 def train(cfg: Config, progress: bool = True) -> dict:
     import ray
 
-    from cpe_ray.runtime import start_runtime
+    from cpe_ray.rl.trainer import Trainer, step_summary
+    from cpe_ray.runtime.start import start_runtime
     from cpe_ray.tracking import Tracker
-    from cpe_ray.trainer import Trainer, step_summary
 
     records = load_prompts(resolve_path(cfg.data.train_path), cfg.data.on_bad_record).records
     if len(records) < cfg.trainer.rollout_batch_size:

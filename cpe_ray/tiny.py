@@ -48,11 +48,16 @@ CHAT_TEMPLATE = (
 )
 
 
+TINY_DIR_NAME = "tiny-model-v2"
+
+
 def default_tiny_dir() -> Path:
-    """`$CPE_RAY_CACHE/tiny-model`, else `~/.cache/cpe-ray/tiny-model` (read now, not at import)."""
+    """`$CPE_RAY_CACHE/tiny-model-v2`, else `~/.cache/cpe-ray/tiny-model-v2` (read now, not at
+    import). v2: head size 32, which vLLM's CPU attention accepts (v1's 16 it refuses); a new
+    name, so a cache holding v1 is not reused as if it were v2."""
     root = os.environ.get("CPE_RAY_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "cpe-ray"
-    return base / "tiny-model"
+    return base / TINY_DIR_NAME
 
 
 DEFAULT_TINY_DIR = default_tiny_dir()
@@ -115,8 +120,10 @@ class TinyModelSpec:
     vocab_size: int = 1024
     hidden_size: int = 64
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    # head size 64 / 2 = 32: the smallest vLLM's CPU attention supports
+    # (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes)
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     seed: int = 0

@@ -203,7 +203,7 @@ def test_spec_validation():
 
 def test_default_dir_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("CPE_RAY_CACHE", str(tmp_path))
-    assert default_tiny_dir() == tmp_path / "tiny-model"
+    assert default_tiny_dir() == tmp_path / "tiny-model-v2"
     monkeypatch.delenv("CPE_RAY_CACHE")
-    assert default_tiny_dir() == Path.home() / ".cache" / "cpe-ray" / "tiny-model"
-    assert DEFAULT_TINY_DIR.name == "tiny-model"
+    assert default_tiny_dir() == Path.home() / ".cache" / "cpe-ray" / "tiny-model-v2"
+    assert DEFAULT_TINY_DIR.name == "tiny-model-v2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cpe_ray.config.schema import CPU_KV_CACHE_BYTES
 from cpe_ray.engines.base import GenerationEngine
 
 
@@ -20,8 +21,12 @@ def make_engine(
     bundle_indices: list[int] | None = None,
     gpu_fraction: float | None = None,
     trust_remote_code: bool = False,
+    kv_cache_memory_bytes: int | None = None,
 ) -> GenerationEngine:
-    """`hf` on CPU or this actor's GPU; `vllm` (imported only here) on GPUs."""
+    """`hf` or `vllm` (imported only here), on this actor's GPU or on the CPU.
+
+    `kv_cache_memory_bytes` sizes vLLM's KV cache; None means `gpu_memory_utilization` on a
+    GPU and `CPU_KV_CACHE_BYTES` on a CPU."""
     if backend == "hf":
         from cpe_ray.engines.hf import HFEngine
 
@@ -38,6 +43,8 @@ def make_engine(
             tensor_parallel_size=tensor_parallel_size, dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enable_sleep=enable_sleep, seed=seed, bundle_indices=bundle_indices,
-            gpu_fraction=gpu_fraction,
+            gpu_fraction=gpu_fraction, use_gpu=use_gpu,
+            kv_cache_memory_bytes=kv_cache_memory_bytes if kv_cache_memory_bytes or use_gpu
+            else CPU_KV_CACHE_BYTES,
         )
     raise ValueError(f"unknown engine backend {backend!r}")

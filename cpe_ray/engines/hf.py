@@ -29,7 +29,7 @@ from cpe_ray.models import (
     resolve_model_path,
     stop_token_ids,
 )
-from cpe_ray.weight_sync import (
+from cpe_ray.runtime.weight_sync import (
     Bucket,
     GroupSpec,
     Manifest,

@@ -1,4 +1,5 @@
-"""The production `GenerationEngine`: vLLM (0.33 API) with in-place weight updates and sleep mode.
+"""The production `GenerationEngine`: vLLM (0.33 on GPUs, its 0.32 CPU build on CPUs), with
+in-place weight updates through vLLM's layerwise reload, and sleep mode on GPUs.
 
 Pure helpers (`llm_kwargs`, `ray_env`, `to_vllm_sampling_kwargs`, `completions_from_outputs`,
 `expand_greedy`) hold the mapping to vLLM and are tested on a CPU; `VLLMEngine` wires them to
@@ -8,11 +9,19 @@ Pure helpers (`llm_kwargs`, `ray_env`, `to_vllm_sampling_kwargs`, `completions_f
 Weight update flow (`receive_weights`, `load_weights`, `load_ipc`, or a `weight_update()` block
 around several calls), after `sleep()` at level 2 (weights and KV cache discarded):
   1. `wake_up(tags=["weights"])`: weight memory is mapped again (contents are garbage);
-  2. the workers load every tensor (collective_rpc runs while vLLM's scheduler is paused);
-  3. the workers report parameters not loaded; any left after a level-2 sleep is an error;
-  4. `wake_up(tags=["kv_cache"])`: vLLM resumes scheduling once fully awake;
-  5. `reset_prefix_cache()`: cached prefixes were computed with the old weights.
-Awake engines run steps 2, 3 (report only) and 5.
+  2. the workers open vLLM's layerwise reload (checkpoint-format tensors in, each layer's
+     post-load processing, e.g. the CPU backend's repacking, run once it is whole);
+  3. the workers load every tensor (collective_rpc runs while vLLM's scheduler is paused);
+  4. the workers close the reload and report parameters not loaded; any left after a
+     level-2 sleep is an error;
+  5. `wake_up(tags=["kv_cache"])`: vLLM resumes scheduling once fully awake;
+  6. `reset_prefix_cache()`: cached prefixes were computed with the old weights.
+Awake engines run steps 2-4 (report only) and 6.
+
+On a CPU (`use_gpu=False`) the KV cache is sized in bytes (`kv_cache_memory_bytes`: vLLM's CPU
+worker would otherwise reserve `gpu_memory_utilization` of the machine's memory), the engine
+runs eagerly (no torch.compile warm-up) and sleep mode, which vLLM supports on CUDA only, is
+refused at construction.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from cpe_ray.engines.base import (
 from cpe_ray.engines.vllm_ext import WeightSyncExtension, encode_tensors
 from cpe_ray.errors import ConfigError
 from cpe_ray.models import DTYPES
-from cpe_ray.weight_sync import Bucket, GroupSpec, Manifest, SyncStats, WeightSyncError
+from cpe_ray.runtime.weight_sync import Bucket, GroupSpec, Manifest, SyncStats, WeightSyncError
 
 EXTENSION_CLASS = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 # Log-probs of the distribution actually sampled from (after temperature and top-k/top-p),
@@ -56,9 +65,12 @@ WEIGHTS_TAG, KV_CACHE_TAG = "weights", "kv_cache"
 FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 DIRECT_LOAD_CHUNK_BYTES = 64 * 1024**2  # bounds one inline RPC message (and its copies)
 MISSING_VLLM = (
-    "rollout.backend=vllm needs the vllm extra: pip install -e '.[vllm]' "
-    "(or set rollout.backend=hf)"
+    "the vllm backend needs vLLM: on GPUs pip install -e '.[vllm]', on a CPU "
+    "bash launch/install.sh --vllm (or set rollout.backend=hf / grm.backend=hf)"
 )
+# vLLM's engine core in this process: the engine actor is a process of its own already, and
+# collective_rpc then reaches the worker by a call, not through a socket (vllm/envs.py)
+IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def llm_kwargs(
@@ -72,6 +84,7 @@ def llm_kwargs(
     seed: int = 0,
     enforce_eager: bool = False,
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+    kv_cache_memory_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Arguments to `vllm.LLM`, validated with one-line ConfigErrors."""
     if tensor_parallel_size < 1:
@@ -84,6 +97,9 @@ def llm_kwargs(
         raise ConfigError(f"max_model_len must be >= 1 or None, got {max_model_len}")
     if max_logprobs < SAMPLED_ONLY_LOGPROBS:
         raise ConfigError(f"max_logprobs must be >= {SAMPLED_ONLY_LOGPROBS}, got {max_logprobs}")
+    if kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 1:
+        raise ConfigError(
+            f"kv_cache_memory_bytes must be >= 1 or None, got {kv_cache_memory_bytes}")
     kwargs: dict[str, Any] = {
         "model": model_path,
         "tensor_parallel_size": tensor_parallel_size,
@@ -98,6 +114,8 @@ def llm_kwargs(
     }
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
+    if kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     if tensor_parallel_size > 1:
         # With one GPU vLLM runs its worker in-process ("uni") on the GPU Ray gave our actor.
         kwargs["distributed_executor_backend"] = RAY_EXECUTOR
@@ -224,9 +242,15 @@ class VLLMEngine:
         gpu_fraction: float | None = None,
         enforce_eager: bool = False,
         max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+        use_gpu: bool = True,
+        kv_cache_memory_bytes: int | None = None,
     ) -> None:
         if sleep_level not in (SLEEP_LEVEL_OFFLOAD, SLEEP_LEVEL_DISCARD):
             raise ConfigError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if enable_sleep and not use_gpu:
+            raise ConfigError("vLLM's sleep mode is CUDA-only: enable_sleep needs use_gpu")
+        if not use_gpu:
+            enforce_eager = True  # torch.compile's CPU warm-up costs minutes and gains little here
         kwargs = llm_kwargs(
             model_path=model_path,
             tensor_parallel_size=tensor_parallel_size,
@@ -237,13 +261,17 @@ class VLLMEngine:
             seed=seed,
             enforce_eager=enforce_eager,
             max_logprobs=max_logprobs,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
         )
         env = ray_env(bundle_indices, gpu_fraction, tensor_parallel_size)
+        for key, value in IN_PROCESS_ENV.items():
+            os.environ.setdefault(key, value)
         self._vllm = _import_vllm()
         if kwargs.get("distributed_executor_backend") == RAY_EXECUTOR:
             os.environ.update(env)  # vLLM reads these when its executor places the workers
         self._llm = self._vllm.LLM(**kwargs)
         self._model_path, self._dtype, self._tp = model_path, dtype, tensor_parallel_size
+        self._device = "cuda" if use_gpu else "cpu"
         self._enable_sleep, self._sleep_level = enable_sleep, sleep_level
         self._sleeping: set[str] = set()  # tags still asleep
         self._weights_discarded = False  # level-2 sleep since the last complete load
@@ -253,7 +281,7 @@ class VLLMEngine:
         return EngineInfo(
             backend="vllm",
             model_path=self._model_path,
-            device="cuda",
+            device=self._device,
             sync_ranks=self._tp,
             extra={"vllm_version": str(self._vllm.__version__), "dtype": self._dtype,
                    "tensor_parallel_size": str(self._tp), "sleeping": ",".join(self._sleeping)},

@@ -8,8 +8,19 @@ so every name here starts with `cpe_` / `_cpe_`. Arguments cross vLLM's msgpack 
 they are plain dicts, lists, str and bytes. From the Worker we use `self.rank` (the worker's
 rank inside this vLLM instance, which is its TP rank because we run neither pipeline nor data
 parallelism inside one LLM), `self.device` (its CUDA device) and
-`self.model_runner.get_model()`. vLLM is not imported at module level, so this module imports,
-and is tested, on a CPU.
+`self.model_runner.get_model()`.
+
+Loading goes through vLLM's own in-place reload (vllm/model_executor/model_loader/reload/):
+`cpe_begin_update` opens it (`initialize_layerwise_reload`: each layer gets back its
+checkpoint-format parameters and defers its post-load processing), every transport's
+tensors then go to `model.load_weights` in checkpoint names (a layer is processed, e.g.
+repacked for the CPU kernels or quantized, as soon as all its tensors have arrived), and
+`cpe_finish_update` closes it (`finalize_layerwise_reload`) and resets what vLLM's
+`reload_weights` resets. A raw `load_weights` without it writes into parameters that a layer
+repacked and freed after the first load ("parameter torch.Size([0])"). vLLM's one-shot
+`model_runner.reload_weights(weights_iterator=...)` is the same three calls in one; ours spans
+several RPCs (one per bucket or chunk), so the update is opened and closed around them.
+vLLM is imported only inside the methods, so this module imports on any machine.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cpe_ray.weight_sync import (
+from cpe_ray.runtime.weight_sync import (
     GroupSpec,
     Manifest,
     SyncGroup,
@@ -72,10 +83,11 @@ class WeightSyncExtension:
     """Methods that vLLM adds to each worker; state lives in `_cpe_*` attributes set lazily,
     because vLLM never calls an extension's `__init__`."""
 
-    # Provided by vLLM's Worker (or by a test's stand-in).
+    # Provided by vLLM's Worker.
     rank: int
     device: torch.device
     model_runner: Any
+    vllm_config: Any
 
     def cpe_join_weight_group(self, spec: dict[str, Any], first_rank: int) -> int:
         """Join the sync group as rank `first_rank + self.rank`; every peer must join now."""
@@ -93,7 +105,7 @@ class WeightSyncExtension:
             raise WeightSyncError(
                 f"vLLM worker rank {self.rank} has no weight-sync group; join_weight_group first"
             )
-        stats = receive_buckets(group, Manifest.from_dict(manifest), self._cpe_load)
+        stats = receive_buckets(group, Manifest.from_dict(manifest), self._cpe_load_borrowed)
         self._cpe_synchronize()
         return {"buckets": stats.buckets, "bytes": stats.bytes, "seconds": stats.seconds}
 
@@ -113,7 +125,7 @@ class WeightSyncExtension:
             )
         bucket = Manifest.from_dict({"buckets": [manifest_bucket]}).buckets[0]
         flat = open_cuda(pickle.loads(handles[uuid]), index)
-        self._cpe_load(unpack(bucket, flat[: bucket.nbytes]))
+        self._cpe_load_borrowed(unpack(bucket, flat[: bucket.nbytes]))
         # The copies must finish before the sender reuses or frees the shared memory.
         self._cpe_synchronize()
         del flat
@@ -126,7 +138,9 @@ class WeightSyncExtension:
         return len(entries)
 
     def cpe_begin_update(self) -> None:
-        """Start recording which parameters get loaded (checked by `cpe_finish_update`)."""
+        """Open vLLM's layerwise reload and start recording which parameters get loaded."""
+        self._cpe_open_reload()
+        self._cpe_reloading = True
         self._cpe_loaded: set[str] | None = set()
         self._cpe_tracked = True
 
@@ -138,9 +152,13 @@ class WeightSyncExtension:
         track_weights_loading) this relies on `load_weights` returning the loaded names; a
         model that returns None is reported as untracked.
         """
+        model = self.model_runner.get_model()
+        if getattr(self, "_cpe_reloading", False):
+            self._cpe_close_reload()
+            self._cpe_reloading = False
         loaded = getattr(self, "_cpe_loaded", None) or set()
         tracked = getattr(self, "_cpe_tracked", False)
-        names = {name for name, _ in self.model_runner.get_model().named_parameters()}
+        names = {name for name, _ in model.named_parameters()}
         missing = sorted(names - loaded) if tracked else []
         self._cpe_loaded, self._cpe_tracked = None, False
         return {
@@ -167,7 +185,19 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         return {n: [list(p.shape), dtype_name(p.dtype)] for n, p in model.named_parameters()}
 
+    def _cpe_load_borrowed(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Load views into memory the caller reuses (a receive buffer, a peer's IPC bucket).
+
+        vLLM's layerwise reload keeps each tensor until its layer is whole, and a layer can
+        span two buckets: without the copies the next bucket overwrote the pending half of
+        a layer (0.03 nats off on the tiny model). A copy lives until its layer is done."""
+        self._cpe_load([(name, tensor.clone()) for name, tensor in weights])
+
     def _cpe_load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        if not getattr(self, "_cpe_reloading", False):
+            raise WeightSyncError(
+                f"vLLM worker rank {self.rank}: weights arrived outside an update; the engine "
+                "brackets every load with cpe_begin_update / cpe_finish_update")
         model = self.model_runner.get_model()
         with self._cpe_config_context():
             loaded = model.load_weights(weights=weights)
@@ -177,15 +207,53 @@ class WeightSyncExtension:
             else:
                 self._cpe_loaded.update(loaded)
 
+    def _cpe_open_reload(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        # An update left open by a failed one stays open: layers not yet whole keep waiting
+        # for their tensors (initialize skips layers already reloading).
+        with self._cpe_config_context():
+            initialize_layerwise_reload(self.model_runner.get_model())
+
+    def _cpe_close_reload(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with self._cpe_config_context():
+            finalize_layerwise_reload(self.model_runner.get_model(),
+                                      self.vllm_config.model_config)
+        self._cpe_reprocess_tied()
+        # what vLLM's reload_weights resets after loading (gpu_model_runner.py)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            fn = getattr(self.model_runner, reset, None)
+            if callable(fn):
+                fn()
+
+    def _cpe_reprocess_tied(self) -> None:
+        """Redo the post-load processing of layers that share a weight (tied embeddings).
+
+        vLLM's reload processes each layer that received tensors; a tied `lm_head` receives
+        none (the checkpoint has no `lm_head.weight`), so a kernel copy it made at start-up
+        (the CPU backend packs one for its GEMM) keeps the old weights: with vLLM 0.32 the
+        CPU engine's log-probs after an update were off by 0.66 nats until this ran."""
+        by_storage: dict[int, list[torch.nn.Module]] = {}
+        for module in self.model_runner.get_model().modules():
+            weight = getattr(module, "weight", None)
+            method = getattr(module, "quant_method", None)
+            if isinstance(weight, torch.Tensor) and weight.numel() and hasattr(
+                    method, "process_weights_after_loading"):
+                by_storage.setdefault(weight.data_ptr(), []).append(module)
+        with self._cpe_config_context():
+            for modules in by_storage.values():
+                if len(modules) > 1:
+                    for module in modules:
+                        module.quant_method.process_weights_after_loading(module)
+
     def _cpe_config_context(self) -> contextlib.AbstractContextManager[Any]:
         # vLLM's own weight-transfer paths load under the current vLLM config (some layers
-        # read it while loading); a stand-in worker without one needs no context.
-        config = getattr(self, "vllm_config", None)
-        if config is None:
-            return contextlib.nullcontext()
+        # read it while loading and processing).
         from vllm.config import set_current_vllm_config
 
-        return set_current_vllm_config(config)
+        return set_current_vllm_config(self.vllm_config)
 
     def _cpe_synchronize(self) -> None:
         if self.device.type == "cuda":

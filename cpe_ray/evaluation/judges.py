@@ -27,7 +27,9 @@ from cpe_ray.evaluation.pairwise import (
     PairwiseJudge,
     load_pairwise_template,
 )
-from cpe_ray.evaluation.scorers import AnswerScorer, GRMScorer, ScorerPairwiseJudge, bt_scorer
+from cpe_ray.evaluation.scorers import GRMScorer, ScorerPairwiseJudge
+from cpe_ray.judges.base import AnswerScorer
+from cpe_ray.judges.bt import bt_scorer
 
 
 def _engine_and_tokenizer(cfg: Config, backend: str, model_path: str):
@@ -47,18 +49,18 @@ def make_answer_scorer(cfg: Config) -> AnswerScorer:
     """The GRM of `grm.backend` as a pointwise scorer."""
     g = cfg.grm
     if g.backend == "rubric":
-        from cpe_ray.rubric import RubricJudge
+        from cpe_ray.judges.rubric import RubricJudge
 
         return GRMScorer(RubricJudge(g), g, "rubric judge (offline GRM stand-in)", cfg.run.seed)
     if g.backend == "openai":
-        from cpe_ray.evaluation.endpoint import EndpointGRMJudge
+        from cpe_ray.judges.endpoint import EndpointGRMJudge
 
         judge = EndpointGRMJudge.from_config(g)
         return GRMScorer(judge, g, judge.describe(), cfg.run.seed)
     assert g.model_path is not None  # config validation requires it for hf, vllm and bt
     if g.backend == "bt":
         return bt_scorer(cfg, cfg.eval.max_prompt_tokens)
-    from cpe_ray.judge import EngineJudge
+    from cpe_ray.judges.engine import EngineJudge
 
     engine, tokenizer = _engine_and_tokenizer(cfg, g.backend, g.model_path)
     return GRMScorer(EngineJudge(engine, tokenizer, g), g, f"GRM {g.model_path} ({g.backend})",
@@ -74,11 +76,8 @@ def make_pairwise_judge(cfg: Config) -> PairwiseJudge:
         return ScorerPairwiseJudge(make_answer_scorer(cfg))
     template = load_pairwise_template(e.judge_template)
     if e.judge == "openai":
-        from cpe_ray.evaluation.endpoint import (
-            EndpointClient,
-            EndpointPairwiseJudge,
-            EndpointSpec,
-        )
+        from cpe_ray.evaluation.endpoint import EndpointPairwiseJudge
+        from cpe_ray.judges.endpoint import EndpointClient, EndpointSpec
 
         client = EndpointClient(EndpointSpec.from_config(e.api, "eval.api"))
         return EndpointPairwiseJudge(client, template, e.judge_max_new_tokens,

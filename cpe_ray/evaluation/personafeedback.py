@@ -27,8 +27,8 @@ from cpe_ray.config import Config
 from cpe_ray.data import PF_KINDS, PF_TIERS, PersonaFeedbackCase, load_personafeedback
 from cpe_ray.evaluation import report
 from cpe_ray.evaluation.pairwise import TIE, PairwiseJudge, judge_against_baseline
-from cpe_ray.evaluation.scorers import AnswerScorer, compare_rewards
-from cpe_ray.judge import JudgeRequest
+from cpe_ray.evaluation.scorers import compare_rewards
+from cpe_ray.judges.base import AnswerScorer, JudgeRequest
 
 CORRECT, WRONG, TIED, PARSE_FAILURE = "correct", "wrong", "tie", "parse_failure"
 OUTCOMES = (CORRECT, WRONG, TIED, PARSE_FAILURE)

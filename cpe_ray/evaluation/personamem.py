@@ -219,7 +219,7 @@ def run_personamem(cfg: Config, say: Callable[[str], None] = print) -> dict[str,
     conversations = [q.messages() for q in questions]
     truncated = 0
     if e.personamem_answerer == "openai":
-        from cpe_ray.evaluation.endpoint import EndpointClient, EndpointSpec
+        from cpe_ray.judges.endpoint import EndpointClient, EndpointSpec
 
         client = EndpointClient(EndpointSpec.from_config(e.api, "eval.api"))
         name = f"endpoint {client.describe()}"

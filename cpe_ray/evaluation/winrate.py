@@ -35,7 +35,7 @@ from cpe_ray.errors import ConfigError, DataError
 from cpe_ray.evaluation import report
 from cpe_ray.evaluation.lc_winrate import lc_winrate
 from cpe_ray.evaluation.pairwise import judge_against_baseline, position_stats
-from cpe_ray.judge import JudgeRequest
+from cpe_ray.judges.base import JudgeRequest
 from cpe_ray.paths import resolve_path
 
 INSTRUCTION_FORMAT = "User profile:\n{persona}\n\nQuestion:\n{question}"

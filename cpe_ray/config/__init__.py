@@ -1,0 +1,66 @@
+"""Configuration: the typed schema (`schema.py`), its choices (`choices.py`) and loading with
+validation (`loading.py`). A leaf: imports nothing from cpe_ray but `errors`.
+
+`from cpe_ray.config import Config, load_config` is how code reads config; every schema
+section and the loading functions are re-exported here.
+"""
+
+from cpe_ray.config.loading import (
+    config_to_yaml,
+    flat_items,
+    load_config,
+    save_config,
+    validate,
+)
+from cpe_ray.config.schema import (
+    GRM_API_CONCURRENCY,
+    RESUME_KEYWORDS,
+    TINY_MODEL,
+    ApiConfig,
+    ClusterConfig,
+    Config,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    GRMConfig,
+    LearnerConfig,
+    LoggingConfig,
+    PolicyConfig,
+    PostEditConfig,
+    PPOConfig,
+    RMConfig,
+    RolloutConfig,
+    RunConfig,
+    SFTConfig,
+    StageTrainConfig,
+    TrainerConfig,
+)
+
+__all__ = [
+    "ApiConfig",
+    "ClusterConfig",
+    "Config",
+    "DataConfig",
+    "DistillConfig",
+    "EvalConfig",
+    "GRMConfig",
+    "GRM_API_CONCURRENCY",
+    "LearnerConfig",
+    "LoggingConfig",
+    "PPOConfig",
+    "PolicyConfig",
+    "PostEditConfig",
+    "RESUME_KEYWORDS",
+    "RMConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SFTConfig",
+    "StageTrainConfig",
+    "TINY_MODEL",
+    "TrainerConfig",
+    "config_to_yaml",
+    "flat_items",
+    "load_config",
+    "save_config",
+    "validate",
+]

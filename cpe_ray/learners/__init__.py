@@ -1,0 +1,9 @@
+"""The DeepSpeed rank cores, free of Ray: one process's share of training.
+
+- `ppo.py`: the PPO rank (policy, critic, optional reference): log-probs, values, updates,
+  state save / load, HF export, and the sender side of weight sync.
+- `supervised.py`: the supervised rank (`sft`: masked token cross-entropy; `bt`:
+  Bradley-Terry on a scalar head) used by the stages.
+- `ds_config.py`: the DeepSpeed configs built from `learner.*`.
+The Ray actors that host them are in `actors/`.
+"""

@@ -1,0 +1,474 @@
+"""The PPO learner on one data-parallel rank: DeepSpeed policy and critic, optional reference.
+
+It computes log-probs and values for its shard of a batch, trains over mini- and
+micro-batches (PPO clip on originals, the off-policy rewrite loss on rewrites, clipped value
+loss for the critic), saves and loads its full training state, exports the policy in HF
+format, and sends its weights to the engines (rank 0 broadcasts; every rank takes part in
+ZeRO-3 gathers). Each mini-batch is one optimiser step whatever its size: losses are
+normalised by the mini-batch's global token (or sequence) count, so splitting rows over
+micro-batches and ranks changes nothing but rounding. The Ray actor in `actors/learner.py`
+is a thin wrapper around `PPOLearnerCore`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cpe_ray.config import Config
+from cpe_ray.learners.ds_config import eval_config, train_config
+from cpe_ray.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
+from cpe_ray.rl import algorithms as alg
+from cpe_ray.rl.experience import Experience, pad_response, split_even
+from cpe_ray.runtime.weight_sync import (
+    Bucket,
+    GroupSpec,
+    Manifest,
+    SyncGroup,
+    SyncStats,
+    adopt_buckets,
+    pack,
+    plan_manifest,
+    send_buckets,
+    share_cuda,
+)
+
+POLICY_TAG, CRITIC_TAG = "policy", "critic"
+MB = 1 << 20
+
+
+@dataclass
+class TrainShard:
+    """This rank's rows of one mini-batch, and what every rank must agree on for it."""
+
+    experience: Experience
+    num_micro: int  # equal on all ranks: ZeRO-3 gathers are collective per forward
+    global_tokens: int  # response tokens in the whole mini-batch, all ranks
+    global_seqs: int  # non-empty responses in the whole mini-batch, all ranks
+
+
+class MetricSums:
+    """Weighted sums that ranks return and the driver reduces into means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+        pair = self.sums[key]
+        pair[0] += float(value) * weight
+        pair[1] += weight
+
+    def as_dict(self) -> dict[str, tuple[float, float]]:
+        return {k: (v[0], v[1]) for k, v in self.sums.items()}
+
+
+def step_and_report(engine, sums: MetricSums, prefix: str, loss_key: str, loss: float,
+                    world: int) -> None:
+    """One optimiser step, then its loss, gradient norm and learning rate under `prefix/`.
+
+    A rank's loss is its share of the mini-batch's times the world size (DeepSpeed averages
+    gradients over ranks), so the mean over ranks, which the driver reduces to, is the
+    mini-batch's loss."""
+    engine.step()
+    sums.add(f"{prefix}/{loss_key}", loss, 1.0 / world)
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        sums.add(f"{prefix}/grad_norm", float(grad_norm), 1.0 / world)
+    sums.add(f"{prefix}/lr", engine.get_lr()[0], 1.0 / world)
+
+
+def reduce_metrics(parts: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for part in parts:
+        for key, (s, w) in part.items():
+            totals[key][0] += s
+            totals[key][1] += w
+    return {k: s / w for k, (s, w) in totals.items() if w > 0}
+
+
+def _keep_fp32_clip_norm(engine) -> None:
+    """DeepSpeed's plain fp32 path (no ZeRO, no fp16/bf16 optimizer) clips the gradients in
+    `clip_fp32_gradients` but drops the norm, so `get_global_grad_norm()` stays None: the
+    same clip, keeping the norm where the other paths keep theirs."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = float(clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu))
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
+
+
+def init_trained_engine(cfg: Config, model: torch.nn.Module, lr: float, world: int,
+                        lr_factor: Callable[[int], float]):
+    """A DeepSpeed engine training `model` (AdamW, clipping, ZeRO from `cfg.learner`, precision
+    from `cfg.policy.dtype`); the learning rate is `lr x lr_factor(optimiser step)`."""
+    import deepspeed
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    conf = train_config(cfg.learner, lr, cfg.policy.dtype, world, cfg.cluster.use_gpu)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, config=conf, lr_scheduler=schedule
+    )
+    if cfg.learner.zero_stage == 0 and cfg.policy.dtype == "float32":
+        _keep_fp32_clip_norm(engine)
+    return engine
+
+
+def gathered(params: list[torch.nn.Parameter], zero3: bool) -> Any:
+    """A context in which `params` are whole: ZeRO-3 gathers them (every rank must enter);
+    otherwise they already are."""
+    if not zero3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def gathered_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor]:
+    """Full weights of `module` on rank 0 (others get {}); under ZeRO-3 every rank must call."""
+    state = {}
+    for name, param in module.named_parameters():
+        with gathered([param], zero3):
+            if rank == 0:
+                state[name] = param.data.detach().cpu().clone()
+    return state
+
+
+def export_hf_model(module: torch.nn.Module, tokenizer: Any, zero3: bool, rank: int,
+                    path: str) -> None:
+    """`module` as a Hugging Face directory with its tokenizer: rank 0 writes, all call."""
+    state = gathered_state(module, zero3, rank)
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+
+def load_engine_state(engine: Any, path: str, tag: str) -> None:
+    """Weights, optimiser and scheduler saved under `path` with `tag` (all ranks call)."""
+    loaded, _ = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise FileNotFoundError(f"no {tag} state under {path}")
+
+
+class PPOLearnerCore:
+    """One rank. `torch.distributed` must already be initialised (the actor does it)."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
+        import deepspeed
+
+        self._ds = deepspeed
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
+        # The critic's value head is newly initialised: seed it, or two runs of one config
+        # (and a run and its resume) start from different critics.
+        torch.manual_seed(cfg.run.seed)
+        self.model_path = resolve_model_path(cfg.policy.model_path)
+        trust = cfg.policy.trust_remote_code
+        self.tokenizer = load_tokenizer(self.model_path, trust)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.zero3 = cfg.learner.zero_stage == 3
+        policy = load_causal_lm(self.model_path, cfg.policy.dtype, "cpu", trust)
+        if cfg.learner.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            policy.config.use_cache = False
+        self.policy = self._init_trained(policy, cfg.learner.actor_lr)
+        self.critic = None
+        if cfg.ppo.advantage_estimator == "gae":
+            self.critic = self._init_trained(self._load_critic(), cfg.learner.critic_lr)
+        self.ref = None
+        if cfg.learner.use_reference:
+            ref = load_causal_lm(self.model_path, cfg.policy.dtype, "cpu", trust).eval()
+            ref.requires_grad_(False)
+            conf = eval_config(cfg.learner, cfg.policy.dtype, world_size)
+            self.ref = self._ds.initialize(model=ref, config=conf)[0] if self.zero3 else (
+                ref.to(device))
+        self._sync_group: SyncGroup | None = None
+
+    # --- construction -------------------------------------------------------------------
+    def _load_critic(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForTokenClassification
+
+        path = self.cfg.learner.critic_model_path
+        path = resolve_model_path(path) if path else self.model_path
+        trust = self.cfg.policy.trust_remote_code
+        conf = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust)
+        conf.classifier_dropout = 0.0  # dropout would make values differ between passes
+        critic = AutoModelForTokenClassification.from_pretrained(
+            path, config=conf, dtype=torch_dtype(self.cfg.policy.dtype), trust_remote_code=trust
+        )
+        if self.cfg.learner.gradient_checkpointing:
+            critic.gradient_checkpointing_enable()
+        return critic
+
+    def _init_trained(self, model: torch.nn.Module, lr: float):
+        warmup = self.cfg.learner.warmup_steps
+        return init_trained_engine(self.cfg, model, lr, self.world,
+                                   lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    # --- forward passes -----------------------------------------------------------------
+    def _filler(self) -> Experience:
+        """A one-row batch with no response tokens: keeps collective counts equal on ranks."""
+        return Experience.from_tokens([[self.pad_id]], [[self.pad_id]], self.pad_id).with_fields(
+            response_mask=torch.zeros(1, 1)
+        )
+
+    def _micro_batches(self, exp: Experience, num_micro: int) -> Iterator[tuple[Experience, bool]]:
+        for rows in split_even(len(exp), num_micro):
+            if rows:
+                yield exp.select(rows), True
+            else:
+                yield self._filler(), False
+
+    def _hidden_slice(self, exp: Experience, out: torch.Tensor) -> torch.Tensor:
+        p = exp.prompt_width
+        return out[:, p - 1 : p - 1 + exp.response_width]
+
+    def _run(self, model, exp: Experience):
+        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return model(
+            input_ids=exp.sequences,
+            attention_mask=exp.attention_mask,
+            position_ids=positions,
+            use_cache=False,
+        )
+
+    def _policy_logits(self, model, exp: Experience) -> torch.Tensor:
+        logits = self._hidden_slice(exp, self._run(model, exp).logits)
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+    def _values(self, exp: Experience) -> torch.Tensor:
+        return self._hidden_slice(exp, self._run(self.critic, exp).logits[..., 0]).float()
+
+    @torch.no_grad()
+    def _per_row(self, exp: Experience, num_micro: int, fn) -> torch.Tensor:
+        width, outs = exp.response_width, []
+        for micro, real in self._micro_batches(exp, num_micro):
+            small, _, _ = micro.to(self.device).trimmed()
+            result = fn(small)
+            if real:
+                outs.append(pad_response(result.float().cpu(), width))
+        return torch.cat(outs) if outs else torch.zeros(0, width)
+
+    def compute_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
+        self.policy.eval()
+        return self._per_row(exp, num_micro, lambda m: alg.logprobs_from_logits(
+            self._policy_logits(self.policy, m), m.responses))
+
+    @torch.no_grad()
+    def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Raw logits after each prompt, [B, V] (every rank must call under ZeRO-3)."""
+        self.policy.eval()
+        exp = Experience.from_tokens(prompts, [[self.pad_id]] * len(prompts), self.pad_id)
+        exp = exp.to(self.device)
+        return self._hidden_slice(exp, self._run(self.policy, exp).logits)[:, 0].float().cpu()
+
+    def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
+        if self.ref is None:
+            raise RuntimeError("learner.use_reference is off: no reference model")
+        return self._per_row(exp, num_micro, lambda m: alg.logprobs_from_logits(
+            self._policy_logits(self.ref, m), m.responses))
+
+    def compute_values(self, exp: Experience, num_micro: int) -> torch.Tensor:
+        if self.critic is None:
+            raise RuntimeError(f"{self.cfg.ppo.advantage_estimator} has no critic")
+        self.critic.eval()
+        return self._per_row(exp, num_micro, self._values)
+
+    # --- training -------------------------------------------------------------------------
+    def _normalizer(self, shard: TrainShard) -> float:
+        count = shard.global_tokens if self.cfg.ppo.loss_agg == "token_mean" else shard.global_seqs
+        # DeepSpeed averages gradients over ranks; multiplying back by world makes the
+        # update the exact mean over the mini-batch.
+        return max(count, 1) / self.world
+
+    def train(self, shards: list[TrainShard]) -> dict[str, tuple[float, float]]:
+        """One optimiser step of the policy (and critic) per shard; returns weighted sums."""
+        sums = MetricSums()
+        for shard in shards:
+            self._policy_step(shard, sums)
+            if self.critic is not None:
+                self._critic_step(shard, sums)
+        return sums.as_dict()
+
+    def _policy_step(self, shard: TrainShard, sums: MetricSums) -> None:
+        ppo, norm = self.cfg.ppo, self._normalizer(shard)
+        edit_loss = self.cfg.post_edit.enabled and ppo.edit_loss
+        self.policy.train()
+        total = 0.0
+        for micro, real in self._micro_batches(shard.experience, shard.num_micro):
+            m, _, _ = micro.to(self.device).trimmed()
+            if not real:
+                m = self._zero_targets(m)
+            logits = self._policy_logits(self.policy, m)
+            logp = alg.logprobs_from_logits(logits, m.responses)
+            loss, stats = alg.cpe_policy_loss(
+                logp, m.old_logprobs, m.edit_logprobs, m.advantages, m.response_mask,
+                m.is_edited, ppo.clip_low, ppo.clip_high, ppo.edit_clip_low, ppo.edit_clip_high,
+                dual_clip=ppo.dual_clip, agg=ppo.loss_agg, edit_loss=edit_loss, normalizer=norm,
+            )
+            ctx = nullcontext() if ppo.entropy_coef > 0 else torch.no_grad()
+            with ctx:
+                entropy = alg.entropy_from_logits(logits)
+                ent_term = alg.aggregate_loss(entropy, m.response_mask, ppo.loss_agg, norm)
+            if ppo.entropy_coef > 0:
+                loss = loss - ppo.entropy_coef * ent_term
+            if self.ref is not None and ppo.kl_coef > 0 and not ppo.kl_in_reward:
+                kl = alg.kl_estimate(logp, m.ref_logprobs, ppo.kl_estimator, m.response_mask)
+                loss = loss + ppo.kl_coef * alg.aggregate_loss(kl, m.response_mask, ppo.loss_agg,
+                                                               norm)
+            self.policy.backward(loss, scale_wrt_gas=False)
+            total += float(loss.detach())
+            tokens = float(m.response_mask.sum())
+            if real and tokens > 0:
+                for key, value in stats.to_dict().items():
+                    sums.add(f"policy/{key}", value, tokens)
+                sums.add("policy/entropy", float(ent_term.detach()) * norm / tokens, tokens)
+        step_and_report(self.policy, sums, "policy", "loss", total, self.world)
+
+    def _critic_step(self, shard: TrainShard, sums: MetricSums) -> None:
+        ppo, norm = self.cfg.ppo, self._normalizer(shard)
+        self.critic.train()
+        total = 0.0
+        for micro, real in self._micro_batches(shard.experience, shard.num_micro):
+            m, _, _ = micro.to(self.device).trimmed()
+            if not real:
+                m = self._zero_targets(m)
+            values = self._values(m)
+            loss, clip_frac = alg.value_loss(
+                values, m.old_values, m.returns, m.response_mask, clip=ppo.value_clip,
+                agg=ppo.loss_agg, normalizer=norm,
+            )
+            self.critic.backward(loss, scale_wrt_gas=False)
+            total += float(loss.detach())
+            tokens = float(m.response_mask.sum())
+            if real and tokens > 0:
+                sums.add("critic/value_clip_frac", float(clip_frac), tokens)
+                sums.add("critic/values", float(alg.masked_mean(values.detach(), m.response_mask)),
+                         tokens)
+        step_and_report(self.critic, sums, "critic", "value_loss", total, self.world)
+
+    @staticmethod
+    def _zero_targets(m: Experience) -> Experience:
+        zeros = torch.zeros_like(m.response_mask)
+        return m.with_fields(
+            old_logprobs=zeros, edit_logprobs=zeros, advantages=zeros, returns=zeros,
+            old_values=zeros, ref_logprobs=zeros,
+        )
+
+    # --- state ------------------------------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """Full training state (weights, optimiser, scheduler) under `path`; all ranks call."""
+        self.policy.save_checkpoint(path, tag=POLICY_TAG, save_latest=False)
+        if self.critic is not None:
+            self.critic.save_checkpoint(path, tag=CRITIC_TAG, save_latest=False)
+
+    def load_state(self, path: str) -> None:
+        for engine, tag in ((self.policy, POLICY_TAG), (self.critic, CRITIC_TAG)):
+            if engine is not None:
+                load_engine_state(engine, path, tag)
+
+    def export_hf(self, path: str) -> None:
+        """The policy as a Hugging Face model directory (rank 0 writes; all ranks call)."""
+        export_hf_model(self.policy.module, self.tokenizer, self.zero3, self.rank, path)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """Full policy weights on rank 0 (others get {}): for tests and small models."""
+        return gathered_state(self.policy.module, self.zero3, self.rank)
+
+    # --- weight sync ------------------------------------------------------------------------
+    def weight_manifest(self) -> Manifest:
+        entries = []
+        for name, p in self.policy.module.named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            entries.append((name, shape, p.dtype))
+        return plan_manifest(entries, int(self.cfg.learner.weight_sync_bucket_mb * MB))
+
+    def join_weight_group(self, spec: GroupSpec, manifest: Manifest) -> bool:
+        """Rank 0 joins; True if the policy's parameters now live in the bucket buffers."""
+        if self.rank != 0:
+            return False
+        self._sync_group = SyncGroup(spec, 0, self.device)
+        # At ZeRO-0 in float32 DeepSpeed updates the parameters where they are (its fp16/bf16
+        # optimizers and ZeRO-1/2 flatten them into buffers of their own, which adopting
+        # would cut off from the updates): lay them out as the buckets, so a sync sends them
+        # without packing. adopt_buckets changes nothing if any shape or dtype disagrees.
+        if self.cfg.learner.zero_stage == 0 and self.cfg.policy.dtype == "float32":
+            params = dict(self.policy.module.named_parameters())
+            return adopt_buckets(params, manifest, self.device) is not None
+        return False
+
+    def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
+        params = dict(self.policy.module.named_parameters())
+
+        @contextmanager
+        def fetch(bucket: Bucket):
+            chosen = [params[t.name] for t in bucket.tensors]
+            with gathered(chosen, self.zero3):
+                yield {t.name: params[t.name].data for t in bucket.tensors}
+
+        if self.rank == 0:
+            if self._sync_group is None:
+                raise RuntimeError("broadcast_weights before join_weight_group")
+            return send_buckets(self._sync_group, manifest, fetch, persistent=not self.zero3)
+        for bucket in manifest.buckets:  # ZeRO-3: every rank must enter each gather
+            with fetch(bucket):
+                pass
+        return None
+
+    def push_weights_ipc(
+        self,
+        manifest: Manifest,
+        load: Callable[[dict[str, Any], Bucket], None] | None,
+        tp: int = 1,
+    ) -> SyncStats:
+        """Colocated GPUs: pack each bucket here and let the engine workers on these GPUs map it.
+
+        Learner ranks [e*tp, (e+1)*tp) share GPUs with engine e's tp workers. Every rank packs
+        the bucket on its GPU; with tp > 1 the handles are gathered so that the engine's first
+        rank (the one given `load`) hands the engine one handle per GPU. `load(handles,
+        bucket)` returns once the engine has copied the bucket (a blocking Ray call), and a
+        barrier keeps the other ranks' buffers alive until then, so one buffer serves every
+        bucket. Every rank gathers (ZeRO-3).
+        """
+        import torch.distributed as dist
+
+        from cpe_ray.engines.vllm_ext import gpu_uuid
+
+        start = time.perf_counter()
+        params = dict(self.policy.module.named_parameters())
+        buffer = torch.empty(manifest.max_bucket_bytes, dtype=torch.uint8, device=self.device)
+        uuid = gpu_uuid(self.device.index or 0)
+        for bucket in manifest.buckets:
+            chosen = [params[t.name] for t in bucket.tensors]
+            with gathered(chosen, self.zero3):
+                flat = pack(bucket, {t.name: params[t.name].data for t in bucket.tensors}, buffer)
+                torch.cuda.synchronize(self.device)
+                handles = {uuid: share_cuda(flat)}
+                if tp > 1:
+                    everyone: list[Any] = [None] * self.world
+                    dist.all_gather_object(everyone, handles)
+                    first = self.rank - self.rank % tp
+                    handles = {k: v for h in everyone[first : first + tp] for k, v in h.items()}
+                if load is not None:
+                    load(handles, bucket)
+                if tp > 1:
+                    dist.barrier()
+        return SyncStats(len(manifest.buckets), manifest.total_bytes, time.perf_counter() - start)
+
+    def info(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world": self.world, "device": str(self.device),
+                "zero_stage": self.cfg.learner.zero_stage, "model": self.model_path}

@@ -1,0 +1,354 @@
+"""The controller loop: one step of Critique-Post-Edit PPO (method.md section 3) per batch.
+
+    answers   = policy samples n answers per prompt                       (3.1)
+    critiques = GRM critiques each answer to rewrite (critique mode, T=0.9) (3.2)
+    rewrites  = policy rewrites it under the edit prompt, keeping log pi_e  (3.3)
+    kept      = selection strategy over the rewrites                      (3.5)
+    rewards   = GRM scores originals and rewrites (score mode, T = 0)     (3.6)
+    batch     = originals + kept rewrites on their ORIGINAL prompts       (3.4)
+    update    = advantages, PPO on originals + off-policy loss on rewrites (3.7)
+    sync      = learner weights to the rollout engines
+
+The first five run as a pipeline over prompt chunks (`cpe_ray.runtime.pipeline`): a chunk's answers
+are scored and critiqued as soon as its engine returns them, and its rewrites start as soon
+as its critiques are back, while other chunks are still being generated. `random` selection
+needs no rewards, so it is drawn before generation and only the answers it keeps are
+critiqued and rewritten: the same batch as rewriting all and discarding, at half the cost
+at ratio 0.5. Plain PPO (post_edit.enabled=false) is the same loop without 3.2-3.5.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cpe_ray.config import Config
+from cpe_ray.data import PromptRecord, batch_order
+from cpe_ray.engines.base import Completion
+from cpe_ray.judges.base import JudgeRequest
+from cpe_ray.judges.client import JudgeClient
+from cpe_ray.judges.grm import JudgeOutcome, weighted_reward
+from cpe_ray.rl import algorithms as alg
+from cpe_ray.rl.experience import Experience, pad_response, split_even
+from cpe_ray.rl.post_edit import EditRequest, RewriteInfo, needs_rewards, select_rewrites
+from cpe_ray.runtime.pipeline import Pending, Pipeline
+from cpe_ray.runtime.remote import wait_all
+from cpe_ray.runtime.start import Runtime
+from cpe_ray.tracking import Tracker
+
+# Sub-seeds of a step: one independent stream per (purpose, chunk).
+ANSWER, CRITIQUE, EDIT, SCORE, SCORE_REWRITE, SELECT = range(6)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed that is a pure function of `keys` (non-negative ints)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+
+
+@dataclass
+class Answer:
+    prompt: int  # index into the step's batch
+    completion: Completion
+    judgement: JudgeOutcome | None = None
+    reward: float = 0.0
+
+
+@dataclass
+class Samples:
+    """One step's generated and judged samples, indexed by answer (prompt-major)."""
+
+    prompt_ids: list[list[int]]
+    answers: list[Answer]
+    critiques: dict[int, JudgeOutcome]  # by answer index: the answers chosen for rewriting
+    rewrites: dict[int, Answer]  # by answer index
+    kept: list[int]  # answer indices whose rewrite joins the batch, ascending
+    seconds: dict[str, float]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, runtime: Runtime, judge: JudgeClient,
+                 records: list[PromptRecord], tracker: Tracker) -> None:
+        self.cfg, self.rt, self.judge, self.records, self.tracker = (
+            cfg, runtime, judge, records, tracker)
+        self.pad_id = wait_all([runtime.rollouts[0].pad_token_id.remote()],
+                               runtime.rollout_labels[:1], cfg.learner.dist_timeout_s,
+                               "tokenizer")[0]
+
+    # --- the method's steps 3.1-3.6, pipelined over prompt chunks ---------------------------
+    def collect(self, batch: list[PromptRecord], seed: int, pipe: Pipeline,
+                answered_all: Callable[[list[list[int]], list[Answer]], None]) -> Samples:
+        """3.1-3.6 on `pipe`; `answered_all(prompt_ids, answers)` runs once every answer is
+        in (the caller starts work on the originals there, overlapping the rewrites)."""
+        cfg, n = self.cfg, self.cfg.rollout.n_samples_per_prompt
+        engines, labels = self.rt.rollouts, self.rt.rollout_labels
+        strategy = cfg.post_edit.strategy
+        num_answers = len(batch) * n
+        to_rewrite = set(range(num_answers)) if cfg.post_edit.enabled else set()
+        if to_rewrite and not needs_rewards(strategy):  # 3.5 before 3.2: random needs nothing
+            to_rewrite = set(self._select(batch, {}, range(num_answers), seed))
+        prompt_ids: list[list[int]] = [[] for _ in batch]
+        answers: list[Answer | None] = [None] * num_answers
+        critiques: dict[int, JudgeOutcome] = {}
+        rewrites: dict[int, Answer] = {}
+        chunks = self._chunks(len(batch))
+        unanswered = [len(chunks)]
+
+        def requests(items: list[int], source: dict[int, Answer] | list) -> list[JudgeRequest]:
+            return [JudgeRequest(batch[k // n].persona, batch[k // n].question,
+                                 source[k].completion.text) for k in items]
+
+        def score(items: list[int], source, phase: str, key: int, chunk: int) -> None:
+            def done(outcomes: list[JudgeOutcome]) -> None:
+                for k, outcome in zip(items, outcomes, strict=True):
+                    source[k].judgement, source[k].reward = outcome, self._reward(outcome)
+            pipe.then(self.judge.submit(requests(items, source), "score",
+                                        derive_seed(seed, key, chunk)), phase, done)
+
+        def answered(chunk: int, engine: int, rows: list[int], part) -> None:  # 3.1 done
+            items = []
+            for r, ids in zip(rows, part.prompt_ids, strict=True):
+                prompt_ids[r] = ids
+            for c in part.completions:
+                k = rows[c.prompt_index] * n + c.sample_index
+                answers[k] = Answer(rows[c.prompt_index], c)
+                items.append(k)
+            score(items, answers, "score", SCORE, chunk)  # 3.6 for the originals
+            unanswered[0] -= 1
+            if not unanswered[0]:
+                answered_all(prompt_ids, answers)
+            chosen = [k for k in items if k in to_rewrite]
+            if chosen:  # 3.2
+                pipe.then(self.judge.submit(requests(chosen, answers), "critique",
+                                            derive_seed(seed, CRITIQUE, chunk)), "critique",
+                          lambda outcomes: critiqued(chunk, engine, chosen, outcomes))
+
+        def critiqued(chunk: int, engine: int, items: list[int], outcomes) -> None:  # 3.3
+            reqs = []
+            for k, outcome in zip(items, outcomes, strict=True):
+                critiques[k] = outcome
+                rec = batch[k // n]
+                reqs.append(EditRequest(rec.persona, rec.question, answers[k].completion.text,
+                                        outcome.judgement.critique))
+            ref = engines[engine].post_edit.remote(reqs, derive_seed(seed, EDIT, chunk))
+            pipe.then(Pending.one(ref, labels[engine], "post-edit"), "post_edit",
+                      lambda part: rewritten(chunk, items, part))
+
+        def rewritten(chunk: int, items: list[int], part) -> None:
+            for k, c in zip(items, part.completions, strict=True):
+                rewrites[k] = Answer(k // n, c)
+            score(items, rewrites, "score_rewrites", SCORE_REWRITE, chunk)  # 3.6
+
+        for chunk, (engine, rows) in enumerate(chunks):
+            ref = engines[engine].answer.remote([(batch[r].persona, batch[r].question)
+                                                 for r in rows], derive_seed(seed, ANSWER, chunk))
+            pipe.then(Pending.one(ref, labels[engine], "generation"), "generate",
+                      lambda part, c=chunk, e=engine, rs=rows: answered(c, e, rs, part))
+        pipe.run()
+        kept = sorted(rewrites) if not needs_rewards(strategy) else self._select(
+            batch, rewrites, sorted(rewrites), seed, answers)
+        return Samples(prompt_ids, answers, critiques, rewrites, kept, pipe.spans())
+
+    def _chunks(self, num_prompts: int) -> list[tuple[int, list[int]]]:
+        """(engine, prompt rows) per chunk; chunk j goes to engine j mod the engine count."""
+        engines = len(self.rt.rollouts)
+        parts = split_even(num_prompts, engines * self.cfg.trainer.chunks_per_engine)
+        return [(j % engines, rows) for j, rows in enumerate(parts) if rows]
+
+    def _select(self, batch, rewrites: dict[int, Answer], items, seed: int,
+                answers: list[Answer] | None = None) -> list[int]:
+        """3.5: answer indices whose rewrite is kept (rewards only for ranking strategies)."""
+        n = self.cfg.rollout.n_samples_per_prompt
+        items = list(items)
+        infos = [RewriteInfo(batch[k // n].id, k,
+                             rewrites[k].reward if k in rewrites else None,
+                             answers[k].reward if answers is not None else None)
+                 for k in items]
+        chosen = select_rewrites(self.cfg.post_edit.strategy, infos, self.cfg.post_edit.ratio,
+                                 derive_seed(seed, SELECT))
+        return [items[i] for i in chosen]
+
+    def _reward(self, outcome: JudgeOutcome) -> float:
+        if outcome.reward is not None:  # a scalar judge (grm.backend=bt)
+            return outcome.reward
+        value = weighted_reward(outcome.judgement, self.cfg.grm.weights, self.cfg.grm.on_missing)
+        return 0.0 if value is None else value
+
+    # --- 3.4 and 3.7: the batch and the update ---------------------------------------------
+    def step(self, step: int, batch: list[PromptRecord]) -> dict[str, float]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        seed = derive_seed(cfg.run.seed, step)
+        pipe = Pipeline(cfg.learner.dist_timeout_s)
+        originals: dict[str, torch.Tensor] = {}
+
+        def forward_originals(prompt_ids, answers) -> None:  # while rewrites are generated
+            exp = self._experience(prompt_ids, answers, [])
+            for name, pending in self._submit_forward(exp).items():
+                pipe.then(pending, "learner_forward",
+                          lambda value, key=name: originals.__setitem__(key, value))
+
+        s = self.collect(batch, seed, pipe, forward_originals)
+        kept = [s.rewrites[k] for k in s.kept]
+        exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
+        seconds = dict(s.seconds)
+        t = time.perf_counter()
+        fields = self._with_rewrites(exp, originals, s.prompt_ids, kept)
+        seconds["learner_forward_rewrites"] = time.perf_counter() - t
+        scores = torch.tensor([a.reward for a in s.answers + kept], dtype=torch.float32)
+        groups = torch.tensor([a.prompt for a in s.answers + kept])
+        exp = self.advantages(exp, fields, scores, groups)
+        t = time.perf_counter()
+        num_mini = cfg.trainer.rollout_batch_size // cfg.ppo.mini_batch_size
+        train_metrics = self.rt.learner.train(exp, num_mini, seed)
+        seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sync = self.rt.learner.sync_weights()
+        seconds["weight_sync"] = time.perf_counter() - t
+        seconds["step"] = time.perf_counter() - start
+        metrics = dict(train_metrics)
+        if exp.ref_logprobs is not None:  # how far the policy is from the reference
+            kl = alg.kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator,
+                                 exp.response_mask)
+            metrics["policy/ref_kl"] = float(alg.masked_mean(kl, exp.response_mask))
+        metrics.update(self._reward_metrics(s))
+        metrics.update({f"time/{k}": v for k, v in seconds.items()})
+        metrics.update({"sync/seconds": sync.seconds, "sync/bytes": float(sync.bytes)})
+        self._last_samples = self._samples(step, batch, s)
+        return metrics
+
+    def _experience(self, prompt_ids: list[list[int]], answers: list[Answer],
+                    rewrites: list[Answer]) -> Experience:
+        """Originals, then rewrites on their ORIGINAL prompts with log pi_e (3.4)."""
+        rows = answers + rewrites
+        return Experience.from_tokens(
+            [prompt_ids[a.prompt] for a in rows], [a.completion.token_ids for a in rows],
+            self.pad_id, is_edited=[False] * len(answers) + [True] * len(rewrites),
+            edit_logprobs=[[]] * len(answers) + [a.completion.logprobs for a in rewrites],
+        )
+
+    def _with_rewrites(self, exp: Experience, originals: dict[str, torch.Tensor],
+                       prompt_ids: list[list[int]], kept: list[Answer]
+                       ) -> dict[str, torch.Tensor]:
+        """The learner's forward of the kept rewrites appended to that of the originals, both
+        padded to the whole batch `exp`'s response width."""
+        if not kept:
+            return originals
+        timeout = self.cfg.learner.dist_timeout_s
+        pending = self._submit_forward(self._experience(prompt_ids, kept, []))
+        width = exp.response_width
+        return {name: torch.cat([pad_response(originals[name], width),
+                                 pad_response(p.wait(timeout), width)])
+                for name, p in pending.items()}
+
+    def _submit_forward(self, exp: Experience) -> dict[str, Pending]:
+        """The learner's per-token inputs to the update: old (and reference) log-probs, and
+        values when the critic is used."""
+        learner = self.rt.learner
+        out = {"old_logprobs": learner.submit_per_row("compute_logprobs", exp)}
+        if self.cfg.learner.use_reference:
+            out["ref_logprobs"] = learner.submit_per_row("compute_ref_logprobs", exp)
+        if self.cfg.ppo.advantage_estimator == "gae":
+            out["old_values"] = learner.submit_per_row("compute_values", exp)
+        return out
+
+    def advantages(self, exp: Experience, forward: dict[str, torch.Tensor],
+                   scores: torch.Tensor, groups: torch.Tensor) -> Experience:
+        """3.7's targets from the learner's forward (`_submit_forward`'s fields) and rewards."""
+        ppo = self.cfg.ppo
+        mask = exp.response_mask
+        fields = dict(forward)
+        kl = None
+        if "ref_logprobs" in fields:
+            kl = alg.kl_estimate(fields["old_logprobs"], fields["ref_logprobs"],
+                                 ppo.kl_estimator, mask)
+        kl_coef = ppo.kl_coef if ppo.kl_in_reward else 0.0
+        if ppo.advantage_estimator == "gae":
+            rewards = alg.token_level_rewards(scores, mask, kl, kl_coef)
+            adv, returns = alg.gae(rewards, fields["old_values"], mask, ppo.gamma, ppo.lam)
+            fields["returns"] = returns
+        else:
+            fn = alg.grpo_advantages if ppo.advantage_estimator == "grpo" else (
+                alg.rloo_advantages)
+            adv = alg.expand_to_tokens(fn(scores, groups), mask)
+            if kl is not None and kl_coef > 0:
+                adv = adv - kl_coef * kl * mask
+            fields["returns"] = adv
+        if ppo.whiten_advantages:
+            adv = alg.masked_whiten(adv, mask)
+        fields["advantages"] = adv * mask
+        return exp.with_fields(**fields)
+
+    def _reward_metrics(self, s: Samples) -> dict[str, float]:
+        out: dict[str, float] = {}
+        kept = [s.rewrites[k] for k in s.kept]
+        for name, items in (("original", s.answers), ("rewrite", kept)):
+            if not items:
+                continue
+            out[f"reward/{name}/weighted"] = float(np.mean([a.reward for a in items]))
+            for dim in self.cfg.grm.dimensions:
+                vals = [a.judgement.judgement.scores.get(dim) for a in items]
+                vals = [v for v in vals if v is not None]
+                if vals:
+                    out[f"reward/{name}/{dim}"] = float(np.mean(vals))
+            out[f"length/{name}"] = float(np.mean([len(a.completion.token_ids) for a in items]))
+        if self.cfg.post_edit.enabled:
+            out["post_edit/kept_fraction"] = len(s.kept) / len(s.answers)
+            out["post_edit/rewritten_fraction"] = len(s.rewrites) / len(s.answers)
+        judged = [a.judgement for a in s.answers + list(s.rewrites.values())]
+        judged += list(s.critiques.values())
+        out["grm/parse_failures"] = float(sum(not o.judgement.parsed for o in judged))
+        return out
+
+    def _samples(self, step: int, batch, s: Samples) -> list[dict]:
+        kept = set(s.kept)
+        out = []
+        for k, a in enumerate(s.answers):
+            rec, rw, crit = batch[a.prompt], s.rewrites.get(k), s.critiques.get(k)
+            out.append({
+                "step": step, "prompt_id": rec.id, "persona": rec.persona,
+                "question": rec.question, "answer": a.completion.text,
+                "critique": crit.judgement.critique if crit else None,
+                "rewrite": rw.completion.text if rw else None,
+                "answer_reward": a.reward,
+                "rewrite_reward": rw.reward if rw is not None else None,
+                "kept": k in kept,
+            })
+        return out
+
+    # --- the loop ----------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return len(self.records) // self.cfg.trainer.rollout_batch_size
+
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch() * self.cfg.trainer.total_epochs
+        limit = self.cfg.trainer.max_steps
+        return min(total, limit) if limit is not None else total
+
+    def batch_for(self, step: int) -> list[PromptRecord]:
+        """Step `step`'s prompts: a pure function of (seed, step), so a resume can rejoin."""
+        per_epoch, size = self.steps_per_epoch(), self.cfg.trainer.rollout_batch_size
+        epoch, index = divmod(step, per_epoch)
+        order = batch_order(len(self.records), self.cfg.run.seed, epoch, self.cfg.data.shuffle)
+        return [self.records[i] for i in order[index * size : (index + 1) * size]]
+
+    def fit_one(self, step: int) -> dict[str, float]:
+        """Run and log one step."""
+        metrics = self.step(step, self.batch_for(step))
+        self.tracker.log(step, metrics)
+        self.tracker.log_samples(step, self._last_samples)
+        return metrics
+
+
+def step_summary(step: int, total: int, metrics: dict[str, float]) -> str:
+    """One line per step: reward of originals (and kept rewrites) and seconds per phase."""
+    reward = f"reward {metrics.get('reward/original/weighted', 0.0):+.3f}"
+    if "reward/rewrite/weighted" in metrics:
+        reward += f" (rewrites {metrics['reward/rewrite/weighted']:+.3f})"
+    phases = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in metrics.items()
+                       if k.startswith("time/") and k != "time/step")
+    return (f"step {step + 1}/{total}  {reward}  {metrics.get('time/step', 0.0):.1f}s "
+            f"[{phases}]")

@@ -1,0 +1,80 @@
+"""The judge backends of training: a CPE step judged by a GRM behind an OpenAI-compatible
+endpoint (the loopback server), and the checks that run before any actor starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cpe_ray.config import load_config
+from cpe_ray.judges.client import judge_in_driver
+from cpe_ray.judges.grm import (
+    build_grm_messages,
+    load_grm_template,
+    parse_judgement,
+    weighted_reward,
+)
+from tests.evaluation_server import ChatServer, grm_policy
+
+KEY_ENV = "CPE_RAY_TEST_GRM_KEY"
+KEY = "grm-key-9"
+SMALL = [
+    "trainer.rollout_batch_size=2", "ppo.mini_batch_size=1", "rollout.n_samples_per_prompt=2",
+    "rollout.max_new_tokens=8", "post_edit.max_new_tokens=8", "learner.micro_batch_size=2",
+    "logging.wandb_mode=disabled",
+]
+
+
+def test_where_each_backend_judges() -> None:
+    def where(*o: str) -> bool:
+        return judge_in_driver(load_config(None, list(o)))
+
+    assert where() and where("grm.backend=openai", "grm.api.base_url=u", "grm.api.model=m")
+    assert where("grm.backend=bt", "grm.model_path=m", "post_edit.enabled=false")
+    assert not where("grm.backend=hf", "grm.model_path=m")
+    assert not where("grm.backend=bt", "grm.model_path=m", "post_edit.enabled=false",
+                     "cluster.use_gpu=true")
+
+
+def test_an_unset_endpoint_key_is_one_line_before_any_actor(capsys, monkeypatch) -> None:
+    import ray
+
+    from cpe_ray.cli import main
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    code = main(["train", "grm.backend=openai", "grm.api.base_url=http://127.0.0.1:9/v1",
+                 "grm.api.model=grm", f"grm.api.api_key_env={KEY_ENV}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"cpe-ray: error: grm.api.api_key_env names ${KEY_ENV}")
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_cpe_step_judged_by_a_grm_endpoint(tmp_path, monkeypatch) -> None:
+    from cpe_ray.run import train
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with ChatServer(grm_policy, KEY) as server:
+        run = train(load_config(None, [
+            *SMALL, "grm.backend=openai", f"grm.api.base_url={server.base_url}",
+            "grm.api.model=grm-14b", f"grm.api.api_key_env={KEY_ENV}",
+            f"run.output_dir={tmp_path}", "trainer.max_steps=1"]), progress=False)
+        bodies = list(server.bodies)
+    last = run["last"]
+    assert last["grm/parse_failures"] == 0 and last["post_edit/kept_fraction"] == 0.5
+    # 4 answers scored, 2 critiqued (random selection first), 2 rewrites scored
+    temps = sorted(b["temperature"] for b in bodies)
+    assert temps == [0.0] * 6 + [0.9] * 2 and {b["model"] for b in bodies} == {"grm-14b"}
+    template = load_grm_template("grm_en.txt")
+    samples = [json.loads(line) for line in
+               (tmp_path / "cpe-tiny" / "samples.jsonl").read_text().splitlines()]
+    for s in samples:  # each reward and critique is the endpoint's own judgement
+        text = grm_policy(build_grm_messages(template, s["persona"], s["question"], s["answer"]))
+        assert s["answer_reward"] == pytest.approx(weighted_reward(parse_judgement(text)))
+        if s["kept"]:
+            assert s["critique"] == parse_judgement(text).critique
+    assert last["reward/original/weighted"] == pytest.approx(
+        sum(s["answer_reward"] for s in samples) / len(samples))

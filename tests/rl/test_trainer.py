@@ -1,0 +1,175 @@
+"""The controller end to end on local Ray with the tiny model: CPE and PPO steps, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cpe_ray.config import load_config
+
+SMALL = [
+    "trainer.rollout_batch_size=2", "ppo.mini_batch_size=1", "rollout.n_samples_per_prompt=2",
+    "rollout.max_new_tokens=8", "post_edit.max_new_tokens=8", "learner.micro_batch_size=2",
+    "logging.wandb_mode=disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def runtime_for(local_ray):
+    from cpe_ray.runtime.start import start_runtime
+
+    started = []
+
+    def make(*overrides: str):
+        while started:  # one runtime at a time: the local cluster holds 4 CPUs
+            started.pop().shutdown()
+        cfg = load_config(None, [*SMALL, *overrides])
+        rt = start_runtime(cfg)
+        started.append(rt)
+        return cfg, rt
+
+    yield make
+    for rt in started:
+        rt.shutdown()
+
+
+def _trainer(cfg, rt, tmp_path):
+    from cpe_ray.data import load_prompts
+    from cpe_ray.judges.client import JudgeClient
+    from cpe_ray.paths import resolve_path
+    from cpe_ray.rl.trainer import Trainer
+    from cpe_ray.tracking import Tracker
+
+    records = load_prompts(resolve_path(cfg.data.train_path)).records
+    return Trainer(cfg, rt, JudgeClient(cfg), records, Tracker(cfg, tmp_path))
+
+
+def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
+    cfg, rt = runtime_for()
+    trainer = _trainer(cfg, rt, tmp_path)
+    metrics = trainer.step(0, trainer.batch_for(0))
+    # 2 prompts x 2 answers = 4 rewrites; random at ratio 0.5 keeps floor(0.5 x 4) = 2
+    assert metrics["post_edit/kept_fraction"] == 0.5
+    assert -5 <= metrics["reward/original/weighted"] <= 5
+    assert "reward/rewrite/weighted" in metrics and "critic/value_loss" in metrics
+    assert 0 < metrics["policy/edit_token_frac"] < 1  # rewrites trained with the edit loss
+    assert metrics["sync/bytes"] == rt.manifest.total_bytes
+    # ZeRO-0 float32 clips without reporting a norm in DeepSpeed; the learner keeps it
+    assert metrics["policy/grad_norm"] > 0 and metrics["critic/grad_norm"] > 0
+    for phase in ("generate", "critique", "post_edit", "score", "score_rewrites", "train",
+                  "weight_sync"):
+        assert 0 <= metrics[f"time/{phase}"] <= metrics["time/step"]
+    samples = trainer._last_samples
+    assert len(samples) == 4 and sum(s["kept"] for s in samples) == 2
+    # random selection is drawn first: only the kept answers are critiqued and rewritten
+    assert metrics["post_edit/rewritten_fraction"] == 0.5
+    for s in samples:
+        assert bool(s["critique"]) == s["kept"] == (s["rewrite"] is not None)
+        assert (s["rewrite_reward"] is not None) == s["kept"]
+
+
+def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_path) -> None:
+    """The step overlaps the originals' forward with post-edit: same numbers as one pass."""
+    from cpe_ray.runtime.pipeline import Pipeline
+
+    cfg, rt = runtime_for()
+    trainer = _trainer(cfg, rt, tmp_path)
+    batch = trainer.batch_for(0)
+    s = trainer.collect(batch, 7, Pipeline(60), lambda *args: None)
+    kept = [s.rewrites[k] for k in s.kept]
+    assert kept
+    whole = trainer._experience(s.prompt_ids, s.answers, kept)
+
+    def forward(exp):
+        return {name: p.wait(60) for name, p in trainer._submit_forward(exp).items()}
+
+    originals = forward(trainer._experience(s.prompt_ids, s.answers, []))
+    parts = trainer._with_rewrites(whole, originals, s.prompt_ids, kept)
+    one = forward(whole)
+    assert parts.keys() == one.keys() == {"old_logprobs", "old_values"}
+    for name in one:
+        assert parts[name].shape == one[name].shape
+        torch.testing.assert_close(parts[name] * whole.response_mask,
+                                   one[name] * whole.response_mask, atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_step_without_post_edit(runtime_for, tmp_path) -> None:
+    cfg, rt = runtime_for("post_edit.enabled=false", "ppo.advantage_estimator=grpo",
+                          "learner.use_reference=true", "ppo.kl_coef=0.05")
+    trainer = _trainer(cfg, rt, tmp_path)
+    metrics = trainer.step(0, trainer.batch_for(0))
+    assert "post_edit/kept_fraction" not in metrics and "reward/rewrite/weighted" not in metrics
+    assert metrics["policy/edit_token_frac"] == 0.0
+    assert "critic/value_loss" not in metrics and "time/critique" not in metrics
+    # before the first update the policy is the reference: their KL is 0
+    assert abs(metrics["policy/ref_kl"]) < 1e-6
+    second = trainer.step(1, trainer.batch_for(1))
+    assert abs(second["policy/ref_kl"]) > 1e-6  # the update moved it away
+
+
+def test_batches_are_a_function_of_seed_and_step(runtime_for, tmp_path) -> None:
+    cfg, rt = runtime_for()
+    trainer = _trainer(cfg, rt, tmp_path)
+    assert trainer.steps_per_epoch() == 64  # 128 demo prompts / 2
+    epoch = [r.id for s in range(64) for r in trainer.batch_for(s)]
+    assert sorted(epoch) == sorted(r.id for r in trainer.records)  # each prompt once
+    assert [r.id for r in trainer.batch_for(5)] == [r.id for r in trainer.batch_for(5)]
+    assert epoch[:2] != [r.id for r in trainer.batch_for(64)]  # next epoch reshuffles
+
+
+def _policy(ckpt) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "policy" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
+    from cpe_ray.run import checkpoints, train
+
+    base = [*SMALL, f"run.output_dir={tmp_path}"]
+    straight = train(load_config(None, [*base, "run.name=straight", "trainer.max_steps=4"]),
+                     progress=False)
+    train(load_config(None, [*base, "run.name=resumed", "trainer.max_steps=2"]),
+          progress=False)
+    resumed = train(load_config(None, [*base, "run.name=resumed", "trainer.max_steps=4",
+                                       "trainer.resume=auto"]), progress=False)
+    assert resumed["resumed_from"] == 2 and straight["resumed_from"] == 0
+    a = _policy(checkpoints(tmp_path / "straight")[-1])
+    b = _policy(checkpoints(tmp_path / "resumed")[-1])
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step-2", "step-4"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.train_path=nope.jsonl", "nope.jsonl"),
+    ("ppo.kl_coeff=0.1", "did you mean 'ppo.kl_coef'"),
+    ("grm.backend=openai", "grm.backend=openai needs grm.api.base_url"),
+])
+def test_bad_input_exits_with_one_line_before_any_actor(override, expected, tmp_path) -> None:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cpe_ray", "train", override],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cpe-ray: error:") and expected in lines[0]
+    assert "Ray" not in proc.stderr + proc.stdout  # nothing started
+    assert time.monotonic() - start < 60
+
+
+def test_bad_record_exits_with_file_and_line(tmp_path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"persona": "a cook", "question": "hi"}\n{"persona": "x"}\n')
+    proc = subprocess.run([sys.executable, "-m", "cpe_ray", "train", f"data.train_path={bad}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert f"{bad}:2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
