@@ -85,6 +85,7 @@ def llm_kwargs(
     enforce_eager: bool = False,
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
     kv_cache_memory_bytes: int | None = None,
+    chunked_prefill: bool = True,
 ) -> dict[str, Any]:
     """Arguments to `vllm.LLM`, validated with one-line ConfigErrors."""
     if tensor_parallel_size < 1:
@@ -116,6 +117,8 @@ def llm_kwargs(
         kwargs["max_model_len"] = max_model_len
     if kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    if not chunked_prefill:
+        kwargs["enable_chunked_prefill"] = False
     if tensor_parallel_size > 1:
         # With one GPU vLLM runs its worker in-process ("uni") on the GPU Ray gave our actor.
         kwargs["distributed_executor_backend"] = RAY_EXECUTOR
@@ -262,6 +265,11 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             max_logprobs=max_logprobs,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
+            # A prompt split over two scheduler steps has its first step's token discarded and
+            # its seeded generator rewound (gpu_model_runner.py, set_offset), which a CPU
+            # generator cannot do: "CPU Generator does not use offset" on any seeded batch
+            # larger than one step's token budget. Whole prompts per step avoid the rewind.
+            chunked_prefill=use_gpu,
         )
         env = ray_env(bundle_indices, gpu_fraction, tensor_parallel_size)
         for key, value in IN_PROCESS_ENV.items():
