@@ -9,6 +9,7 @@ syncs against the rollout engines with a bounded wait that names a failing peer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -19,7 +20,7 @@ from cpe_ray.config import Config
 from cpe_ray.learners.ppo import PPOLearnerCore, TrainShard, reduce_metrics
 from cpe_ray.rl.experience import Experience, split_even
 from cpe_ray.runtime.pipeline import Pending
-from cpe_ray.runtime.remote import wait_all
+from cpe_ray.runtime.remote import RemoteError, wait_all
 from cpe_ray.runtime.weight_sync import GroupSpec, Manifest, SyncStats
 
 
@@ -75,7 +76,11 @@ class LearnerGroup(RankGroup):
                          cpus_per_rank)
         self._manifest: Manifest | None = None
         self._engines: list[Any] = []
+        self._engine_labels: list[str] = []
         self.zero_copy_send = False  # rank 0's parameters live in the bucket buffers
+        # Called with the RemoteError of an engine that died during a sync: it starts the
+        # engine again and calls connect_engines, or raises (cpe_ray.runtime.recovery)
+        self.engine_recovery: Callable[[RemoteError], None] | None = None
 
     def _num_micro(self, rows_per_rank: list[int]) -> int:
         return max(1, math.ceil(max(rows_per_rank) / self.cfg.learner.micro_batch_size))
@@ -158,7 +163,19 @@ class LearnerGroup(RankGroup):
         return self._manifest
 
     def sync_weights(self) -> SyncStats:
-        """Broadcast the policy to every connected engine; one RPC per engine, buckets inside."""
+        """Broadcast the policy to every connected engine; one RPC per engine, buckets inside.
+        An engine that dies meanwhile is started again (`engine_recovery`) and the sync redone:
+        the learner's weights have not moved, so every engine ends with them."""
+        while True:
+            try:
+                return self._sync_once()
+            except RemoteError as exc:
+                if (self.engine_recovery is None or not exc.died
+                        or exc.actor not in self._engine_labels):
+                    raise
+                self.engine_recovery(exc)
+
+    def _sync_once(self) -> SyncStats:
         if self._manifest is None:
             raise RuntimeError("sync_weights before connect_engines")
         timeout = self.cfg.learner.weight_sync_timeout_s

@@ -3,6 +3,8 @@
 Prompts are built here from persona and question with the policy's chat template, so the
 driver ships strings and gets back the exact token ids it must train on. A rewrite's
 completion carries its log-probs under the *edit* prompt: that is log pi_e of method.md 3.3.
+An edit prompt over rollout.max_prompt_length loses the end of the answer and the critique,
+never the persona or the question (`fit_edit_prompt`); each batch says how many were cut.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from cpe_ray.chat import system_prompt as render_system
 from cpe_ray.config import Config
 from cpe_ray.engines.base import Completion, SamplingParams
 from cpe_ray.engines.factory import make_engine
-from cpe_ray.rl.post_edit import EditRequest, build_edit_messages, load_edit_template
+from cpe_ray.rl.post_edit import (
+    EditRequest,
+    build_edit_messages,
+    fit_edit_prompt,
+    load_edit_template,
+)
 from cpe_ray.runtime.weight_sync import GroupSpec, Manifest, SyncStats
 
 
@@ -26,6 +33,8 @@ class GenerationBatch:
 
     prompt_ids: list[list[int]]
     completions: list[Completion]
+    shortened: int = 0  # edit prompts whose answer / critique lost their end to fit
+    cut_left: int = 0  # prompts over the limit even so, cut from the start (persona lost)
 
 
 @ray.remote
@@ -71,13 +80,16 @@ class PolicyRollout:
         return int(self.tokenizer.pad_token_id)
 
     def _truncate(self, ids: list[int]) -> list[int]:
-        # Keep the end: the generation prompt and the question sit there.
+        # Last resort: keep the end, where the generation prompt and the question sit.
         limit = self.cfg.rollout.max_prompt_length
         return ids[-limit:] if len(ids) > limit else ids
 
-    def prompt_ids(self, persona: str, question: str) -> list[int]:
+    def _full_prompt_ids(self, persona: str, question: str) -> list[int]:
         messages = build_policy_messages(persona, question, self.system_template)
-        return self._truncate(apply_chat_template(self.tokenizer, messages))
+        return apply_chat_template(self.tokenizer, messages)
+
+    def prompt_ids(self, persona: str, question: str) -> list[int]:
+        return self._truncate(self._full_prompt_ids(persona, question))
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams
                  ) -> list[Completion]:
@@ -86,24 +98,35 @@ class PolicyRollout:
     def answer(self, prompts: list[tuple[str, str]], seed: int) -> GenerationBatch:
         """n answers per (persona, question), sampled with the rollout settings."""
         r = self.cfg.rollout
-        ids = [self.prompt_ids(persona, question) for persona, question in prompts]
+        full = [self._full_prompt_ids(persona, question) for persona, question in prompts]
+        ids = [self._truncate(f) for f in full]
         params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature,
                                 top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
-        return GenerationBatch(ids, self.engine.generate(ids, params))
+        cut = sum(len(f) > r.max_prompt_length for f in full)
+        return GenerationBatch(ids, self.engine.generate(ids, params), cut_left=cut)
 
     def post_edit(self, requests: list[EditRequest], seed: int) -> GenerationBatch:
         """One rewrite per request under the edit prompt; logprobs are log pi_e."""
         pe = self.cfg.post_edit
-        ids = []
+        ids, shortened, cut = [], 0, 0
         for req in requests:
             system = render_system(self.system_template, req.persona)
-            messages = build_edit_messages(self.edit_template, req.question, req.answer,
-                                           req.critique, system_prompt=system,
-                                           persona=req.persona)
-            ids.append(self._truncate(apply_chat_template(self.tokenizer, messages)))
+
+            def encode(answer: str, critique: str, req: EditRequest = req,
+                       system: str = system) -> list[int]:
+                messages = build_edit_messages(self.edit_template, req.question, answer,
+                                               critique, system_prompt=system,
+                                               persona=req.persona)
+                return apply_chat_template(self.tokenizer, messages)
+
+            fitted = fit_edit_prompt(encode, self.tokenizer, req.answer, req.critique,
+                                     self.cfg.rollout.max_prompt_length)
+            ids.append(fitted.token_ids)
+            shortened += fitted.shortened
+            cut += fitted.cut_left
         params = SamplingParams(n=1, temperature=pe.temperature, top_p=self.cfg.rollout.top_p,
                                 max_new_tokens=pe.max_new_tokens, seed=seed)
-        return GenerationBatch(ids, self.engine.generate(ids, params))
+        return GenerationBatch(ids, self.engine.generate(ids, params), shortened, cut)
 
     def next_token_logits(self, prompt_token_ids: list[list[int]]):
         """Raw next-token logits (engines that expose them: the HF engine); for checks."""

@@ -4,11 +4,12 @@ Run by hand: `python bench/ablation.py [--steps 12] [--window 4] [--arms NAME] [
 (default `bench/results/ablation.json`).
 
 Each arm is the CPU default (tiny model, rubric judge, demo data) changed in exactly the keys
-its GPU config changes relative to the paper's recipe (conf/experiment/qwen2.5-7b-cpe.yaml):
-the selection strategy and ratio, post-edit off with 6 answers a prompt for the PPO arms
-(equal trained samples, method.md 4), and for the BT arm a Bradley-Terry reward model, which
-`cpe-ray rm train` trains first for a few epochs on data/demo/pairwise.jsonl. All arms run
-one after the other in one Ray session, with one seed, for `--steps` steps.
+its GPU config changes relative to the release's recipe
+(conf/experiment/qwen2.5-7b-cpe-release.yaml): the selection strategy and ratio, post-edit
+off with 6 answers a prompt for the PPO arms (equal trained samples, method.md 4), and for
+the BT arm a Bradley-Terry reward model, which `cpe-ray rm train` trains first for a few
+epochs on data/demo/pairwise.jsonl. All arms run one after the other in one Ray session,
+with one seed, for `--steps` steps.
 
 Per arm: the final reward is the mean rubric reward of the originals over the last
 `--window` steps (the BT arm's answers are re-scored by the rubric judge, so every arm is
@@ -33,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-RECIPE = REPO / "conf" / "experiment" / "qwen2.5-7b-cpe.yaml"
+RECIPE = REPO / "conf" / "experiment" / "qwen2.5-7b-cpe-release.yaml"
 ARMS = sorted((REPO / "conf" / "experiment").glob("ablation-*.yaml"))
 # Keys of an arm's config that are not part of the arm: its name, and the BT model's path on
 # the cluster (replaced by the toy model trained here).

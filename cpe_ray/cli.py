@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from cpe_ray.errors import CpeError
+from cpe_ray.errors import CpeError, describe_os_error, stop_signals
+
+INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -33,15 +35,21 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_grm_parse(args: argparse.Namespace) -> int:
+    """Parse one GRM output as the trainer would (grm.dimensions, label_aliases, score range,
+    weights, on_missing) and say which label each dimension matched, so a new GRM's format
+    can be checked in one command."""
+    from cpe_ray.config import load_config
     from cpe_ray.judges.grm import parse_judgement, weighted_reward
 
+    g = load_config(args.config, args.overrides).grm
     if args.file != "-" and not Path(args.file).is_file():
         raise CpeError(f"grm-parse: {args.file} is not a file; give a file or - for stdin")
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-    judgement = parse_judgement(text)
+    judgement = parse_judgement(text, g.dimensions, (g.score_min, g.score_max), g.label_aliases)
     out = asdict(judgement)
     out.pop("raw")
-    out["reward"] = weighted_reward(judgement)
+    out["reward"] = weighted_reward(judgement, g.weights, g.on_missing)  # type: ignore[arg-type]
+    out["labels_tried"] = {d: [d, *g.label_aliases.get(d, [])] for d in g.dimensions}
     print(json.dumps(out, ensure_ascii=False, indent=2))
     return 0 if judgement.parsed else 1
 
@@ -74,8 +82,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"  config        {run_dir}/config.yaml")
     print(f"  metrics       {run_dir}/metrics.jsonl")
     print(f"  samples       {run_dir}/samples.jsonl")
-    for ckpt in summary["checkpoints"][-1:]:
-        print(f"  checkpoint    {ckpt} (policy/ in HF format, state/ for resume)")
+    if summary["checkpoint"]:
+        print(f"  checkpoint    {summary['checkpoint']} (policy/ in HF format, state/ for "
+              "resume)")
+    if summary["faults"]["faults/restarts"]:
+        print(f"  faults        {summary['faults']['faults/restarts']:.0f} restart(s), "
+              f"{summary['faults']['faults/seconds_lost']:.1f} s lost")
     if cfg.logging.wandb_mode != "disabled":
         print(f"  wandb         {run_dir}/wandb ({cfg.logging.wandb_mode})")
     return 0
@@ -100,14 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.kl_coef=0.01")
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("grm-parse", help="parse a GRM output (file or - for stdin) to JSON")
+    p = sub.add_parser("grm-parse", help="parse a GRM output (file or - for stdin) to JSON, "
+                                         "with the label each dimension matched")
     p.add_argument("file")
+    p.add_argument("--config", default=None, help="YAML file on top of the defaults (grm.*)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. "
+                                                "grm.label_aliases.naturalness=[Natural]")
     p.set_defaults(func=_cmd_grm_parse)
 
     p = sub.add_parser("data-check", help="load a data file and report bad records")
     p.add_argument("kind", choices=("prompts", "personafeedback", "sft", "pairwise",
                                      "judge-inputs"))
-    p.add_argument("path", help="JSONL file, or the PersonaFeedback root folder")
+    p.add_argument("path", help="JSONL file (prompts: also verl parquet), or the "
+                                "PersonaFeedback root folder (published or release layout)")
     p.add_argument("--on-bad", choices=("error", "skip"), default="error")
     p.set_defaults(func=_cmd_data_check)
 
@@ -122,10 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with stop_signals():  # Ctrl-C and SIGTERM: one line, the job's cleanup runs
+            return int(args.func(args))
     except CpeError as exc:
         print(f"cpe-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before a job installs its own handler
+        print("cpe-ray: error: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except OSError as exc:  # a file the job reads or writes: one line, not a traceback
+        print(f"cpe-ray: error: {describe_os_error(exc, 'cannot use')}", file=sys.stderr)
+        return CpeError.exit_code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ conversations, pairwise preferences, answers for a teacher to judge) into frozen
 dataclasses, reporting every bad line as `file:line: what is wrong`. Personas are rendered
 and prompts built by `cpe_ray.chat`.
 
+The paper release's files load as they are (method.md 4): its verl-layout parquet prompt
+files (`eval/data/RL_data/*.parquet`: one user turn that embeds the persona's JSON and the
+question; `load_prompts` takes them out of it) and its PersonaFeedback layout
+(`eval/data/rm_benchmark_all/` cases naming `eval/data/persona_all/<user_id>.json`;
+`load_personafeedback` tells the layouts apart). Release personas keep the JSON text the
+release shows its policy and GRM (indented by 2, non-ASCII kept), not our rendering.
+
 Conventions shared by every loader:
 - `on_bad="error"` raises `DataError("file:line: what is wrong; how to fix")` at the first
   bad line; `on_bad="skip"` drops bad lines and lists them in `LoadResult.problems`
@@ -16,6 +23,7 @@ Conventions shared by every loader:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +45,22 @@ PF_KIND_DIRS: Mapping[str, tuple[str, ...]] = {
     "specific": ("spedific", "specific"),
     "general": ("general",),
 }
+
+# The paper release's layouts (method.md 4).
+PARQUET_MAGIC = b"PAR1"  # the first bytes of every parquet file
+VERL_PROMPT_COLUMN = "prompt"  # verl's dataset layout: a list of {role, content} messages
+VERL_EXTRA_COLUMN = "extra_info"  # ... and {"index": row id in the source split, ...}
+# In the release's user turn the persona's JSON follows "当前用户配置：" ("current user
+# configuration:") and the question follows "以下是用户问题：" ("below is the user's
+# question:"), ended by a blank line and the closing instruction "生成1个..." ("generate
+# one ..."). A full-width or ASCII colon is accepted.
+RELEASE_PERSONA_MARK = re.compile(r"当前用户配置\s*[：:]")
+RELEASE_QUESTION_MARK = re.compile(r"以下是用户问题\s*[：:]")
+RELEASE_QUESTION_END = re.compile(r"\n[ \t]*\n[ \t]*生成1个")
+RELEASE_PERSONA_INDENT = 2  # how the release writes a persona's JSON into its prompts
+RELEASE_PF_CASES_DIR = "rm_benchmark_all"  # <kind>_<tier>.jsonl
+RELEASE_PF_PERSONA_DIR = "persona_all"  # <user_id>.json, one persona object a file
+RELEASE_PF_TIER_FILES: Mapping[str, str] = {"easy": "easy", "medium": "mid", "hard": "hard"}
 
 T = TypeVar("T")
 
@@ -61,9 +85,12 @@ class PromptRecord:
 
 @dataclass(frozen=True)
 class PersonaFeedbackCase:
-    """One PersonaFeedback case; `chosen` is the human-preferred answer, `source` file:line."""
+    """One PersonaFeedback case; `chosen` is the human-preferred answer, `source` file:line.
 
-    user_id: int
+    `user_id` is the persona's line number (published layout) or file name (the release's).
+    """
+
+    user_id: int | str
     persona: str
     question: str
     chosen: str
@@ -230,12 +257,29 @@ def _record_id(obj: Mapping[str, Any], default: str) -> str:
     return str(value).strip()
 
 
+def release_persona_text(persona: Mapping[str, Any]) -> str:
+    """A persona object as the release writes it into its policy and GRM prompts."""
+    return json.dumps(persona, ensure_ascii=False, indent=RELEASE_PERSONA_INDENT)
+
+
+def _is_parquet(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+
+
 def load_prompts(path: str | Path, on_bad: BadRecordPolicy = "error") -> LoadResult[PromptRecord]:
     """Prompts JSONL: `persona` (string or object), `question`, optional `id` (str or int).
 
-    A missing id defaults to "<file stem>-<line>"; a repeated id is a bad record.
+    A missing id defaults to "<file stem>-<line>"; a repeated id is a bad record. A parquet
+    file (known by its first bytes, whatever its name) is read as verl-layout prompts:
+    `load_verl_prompts`.
     """
     p = _existing_file(path, "prompts")
+    if _is_parquet(p):
+        return load_verl_prompts(p, on_bad)
+    if p.suffix == ".parquet":
+        raise DataError(f"{p}: named .parquet but does not start with {PARQUET_MAGIC!r}, so "
+                        "it is no parquet file (a Git LFS pointer?); fetch the real file")
     seen: dict[str, int] = {}
 
     def parse(obj: dict[str, Any], lineno: int) -> PromptRecord:
@@ -248,6 +292,92 @@ def load_prompts(path: str | Path, on_bad: BadRecordPolicy = "error") -> LoadRes
         return record
 
     return _load(p, "prompts", on_bad, parse)
+
+
+def _release_user_turn(content: str) -> tuple[str, str]:
+    """(persona text, question) out of a user turn in the release's RL_data layout."""
+    expected = ("expected the release's RL_data layout: the persona's JSON after "
+                "'当前用户配置：' and the question after '以下是用户问题：'")
+    persona_at = RELEASE_PERSONA_MARK.search(content)
+    if persona_at is None:
+        raise _Bad("the user turn has no persona marker '当前用户配置：'", expected)
+    start = len(content) - len(content[persona_at.end():].lstrip())
+    try:
+        persona, _ = json.JSONDecoder().raw_decode(content, start)
+    except json.JSONDecodeError as e:
+        raise _Bad(f"no persona JSON after '当前用户配置：' ({e.msg} at character {e.pos})",
+                   expected) from None
+    if not isinstance(persona, dict) or not persona:
+        raise _Bad(f"the persona after '当前用户配置：' is {_type_name(persona)}, not a "
+                   "non-empty object", expected)
+    question_at = list(RELEASE_QUESTION_MARK.finditer(content))
+    if not question_at:
+        raise _Bad("the user turn has no question marker '以下是用户问题：'", expected)
+    rest = content[question_at[-1].end():]
+    end = RELEASE_QUESTION_END.search(rest)
+    question = (rest[:end.start()] if end else rest).strip()
+    if not question:
+        raise _Bad("the question after '以下是用户问题：' is empty", expected)
+    return release_persona_text(persona), question
+
+
+def _verl_user_turn(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise _Bad(f"column '{VERL_PROMPT_COLUMN}' is {_type_name(messages)}, not a list of "
+                   "chat messages", "use verl's layout: prompt = [{role, content}, ...]")
+    users = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
+    if not users or not isinstance(users[-1].get("content"), str):
+        raise _Bad(f"column '{VERL_PROMPT_COLUMN}' has no user message with text content",
+                   "give the prompt a {role: user, content: ...} message")
+    return users[-1]["content"]
+
+
+def load_verl_prompts(path: str | Path, on_bad: BadRecordPolicy = "error"
+                      ) -> LoadResult[PromptRecord]:
+    """verl-layout parquet prompts as the release ships them (`eval/data/RL_data/*.parquet`).
+
+    Column `prompt` holds the chat messages; the last user turn embeds the persona's JSON
+    and the question (`_release_user_turn`), which become the record's persona (as the
+    release's JSON text) and question; our own system template then builds the policy's
+    prompt from them. `extra_info.index` names the record "<file stem>-<index>" (else the
+    0-based row). Bad rows are reported as `file[row]` under the on_bad policy; the other
+    columns (`data_source`, `ability`, `reward_model`) are not needed.
+    """
+    p = _existing_file(path, "prompts")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{p} is a parquet file, which needs pyarrow; pip install pyarrow"
+                        ) from None
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{p}: not a readable parquet file ({str(e).splitlines()[0]})"
+                        ) from None
+    if VERL_PROMPT_COLUMN not in table.column_names:
+        raise DataError(f"{p}: no '{VERL_PROMPT_COLUMN}' column (has "
+                        f"{', '.join(table.column_names) or 'none'}); expected verl's layout: "
+                        "prompt = chat messages, optional extra_info = {index, split}")
+    prompts = table.column(VERL_PROMPT_COLUMN).to_pylist()
+    extras = (table.column(VERL_EXTRA_COLUMN).to_pylist()
+              if VERL_EXTRA_COLUMN in table.column_names else [None] * len(prompts))
+    col = _Collector(on_bad)
+    records: list[PromptRecord] = []
+    seen: dict[str, int] = {}
+    for row, (messages, extra) in enumerate(zip(prompts, extras, strict=True)):
+        index = extra.get("index") if isinstance(extra, Mapping) else None
+        rid = f"{p.stem}-{index if isinstance(index, int) else row}"
+        try:
+            persona, question = _release_user_turn(_verl_user_turn(messages))
+            if rid in seen:
+                raise _Bad(f"duplicate id '{rid}' (first in row {seen[rid]})",
+                           "give every row a unique extra_info.index")
+        except _Bad as e:
+            col.bad(f"{p}[{row}]", e)
+            continue
+        seen[rid] = row
+        records.append(PromptRecord(id=rid, persona=persona, question=question))
+    return col.result(records, f"prompts in {p}")
 
 
 def _user_id(obj: Mapping[str, Any]) -> int:
@@ -283,10 +413,7 @@ def _pf_personas(path: Path, col: _Collector) -> dict[int, str | None]:
 def _pf_case_files(root: Path, tiers: Sequence[str], kinds: Sequence[str]
                    ) -> tuple[list[tuple[str, str, Path]], list[Path]]:
     """(kind, tier, path) of the case files that exist, and every path looked at."""
-    for name, given, valid in (("tier", tiers, PF_TIERS), ("kind", kinds, PF_KINDS)):
-        if not given or any(g not in valid for g in given):
-            raise DataError(f"PersonaFeedback {name}s must be a non-empty subset of "
-                            f"{', '.join(valid)}; got {', '.join(map(str, given)) or 'none'}")
+    _check_pf_subsets(tiers, kinds)
     found: list[tuple[str, str, Path]] = []
     looked: list[Path] = []
     for kind in kinds:
@@ -301,27 +428,107 @@ def _pf_case_files(root: Path, tiers: Sequence[str], kinds: Sequence[str]
     return found, looked
 
 
+def _check_pf_subsets(tiers: Sequence[str], kinds: Sequence[str]) -> None:
+    for name, given, valid in (("tier", tiers, PF_TIERS), ("kind", kinds, PF_KINDS)):
+        if not given or any(g not in valid for g in given):
+            raise DataError(f"PersonaFeedback {name}s must be a non-empty subset of "
+                            f"{', '.join(valid)}; got {', '.join(map(str, given)) or 'none'}")
+
+
+def _release_user_id(obj: Mapping[str, Any]) -> str:
+    """The release's `user_id`: a persona's file name in persona_all/, never a path."""
+    fix = f"use the file name (without .json) of a persona in {RELEASE_PF_PERSONA_DIR}/"
+    if "user_id" not in obj:
+        raise _Bad("missing required field 'user_id'", fix)
+    uid = obj["user_id"]
+    if (not isinstance(uid, str) or not uid.strip() or uid != uid.strip()
+            or Path(uid).name != uid or uid in (".", "..")):
+        raise _Bad(f"field 'user_id' must name a persona file, got {uid!r}", fix)
+    return uid
+
+
+def _load_release_personafeedback(base: Path, col: _Collector, tiers: Sequence[str],
+                                  kinds: Sequence[str]) -> list[PersonaFeedbackCase]:
+    """The release's eval/data: `rm_benchmark_all/<kind>_<tier>.jsonl` (tier `mid` is
+    medium) whose `user_id` names `persona_all/<user_id>.json`, one persona object a file."""
+    cases_dir, persona_dir = base / RELEASE_PF_CASES_DIR, base / RELEASE_PF_PERSONA_DIR
+    looked = [(k, t, cases_dir / f"{k}_{RELEASE_PF_TIER_FILES[t]}.jsonl")
+              for k in kinds for t in tiers]
+    case_files = [(k, t, path) for k, t, path in looked if path.is_file()]
+    if not case_files:
+        raise DataError(f"no PersonaFeedback case files under {base} (the release's layout); "
+                        f"looked for {', '.join(str(path) for _, _, path in looked)}")
+    if not persona_dir.is_dir():
+        raise DataError(f"PersonaFeedback persona folder not found: {persona_dir}; the "
+                        "release keeps one <user_id>.json per persona there")
+    personas: dict[str, str | _Bad] = {}
+
+    def persona(uid: str) -> str:
+        if uid not in personas:
+            path = persona_dir / f"{uid}.json"
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8-sig"))
+                if not isinstance(obj, dict) or not obj:
+                    raise ValueError(f"holds {_type_name(obj)}, not a non-empty object")
+                personas[uid] = release_persona_text(obj)
+            except FileNotFoundError:
+                personas[uid] = _Bad(f"user_id '{uid}' has no persona: {path} not found",
+                                     f"use the name of a file in {persona_dir}")
+            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                personas[uid] = _Bad(f"persona file {path} is unusable ({e})",
+                                     "write one JSON object in it")
+        found = personas[uid]
+        if isinstance(found, _Bad):
+            raise found
+        return found
+
+    def case(obj: dict[str, Any], lineno: int, kind: str, tier: str, path: Path
+             ) -> PersonaFeedbackCase:
+        uid = _release_user_id(obj)
+        question, chosen, reject = (_text(obj, k) for k in ("question", "chosen", "reject"))
+        return PersonaFeedbackCase(uid, persona(uid), question, chosen, reject, tier, kind,
+                                   f"{path}:{lineno}")
+
+    records: list[PersonaFeedbackCase] = []
+    for kind, tier, path in case_files:
+        records += _parse_lines(path, col, lambda o, n, k=kind, t=tier, p=path: case(o, n, k, t, p))
+    return records
+
+
 def load_personafeedback(
     root: str | Path,
     on_bad: BadRecordPolicy = "error",
     tiers: Sequence[str] = PF_TIERS,
     kinds: Sequence[str] = PF_KINDS,
 ) -> LoadResult[PersonaFeedbackCase]:
-    """PersonaFeedback as published (method.md section 5), cases in kind, tier, line order.
+    """PersonaFeedback cases in kind, tier, line order, from either layout under `root`.
 
-    `root/persona/all_personas.jsonl` holds one persona object a line; a case's `user_id` is
-    that 1-based line number. Cases come from `root/data/{spedific,general}/<tier>.jsonl` (a
-    correctly spelled `specific/` folder is accepted too); missing tier files are skipped.
+    Published (method.md section 5): `root/persona/all_personas.jsonl` holds one persona
+    object a line; a case's `user_id` is that 1-based line number. Cases come from
+    `root/data/{spedific,general}/<tier>.jsonl` (a correctly spelled `specific/` folder is
+    accepted too). The paper release's `eval/data` (`rm_benchmark_all/` beside
+    `persona_all/`): `_load_release_personafeedback`. Missing tier files are skipped; a root
+    holding both layouts is refused, since either could be meant.
     """
     col = _Collector(on_bad)
     base = resolve_path(root)
     if not base.is_dir():
         raise DataError(f"PersonaFeedback root not found: {base}; point it at the folder that "
-                        "holds persona/ and data/")
+                        "holds persona/ and data/ (or the release's eval/data)")
+    _check_pf_subsets(tiers, kinds)
+    release = (base / RELEASE_PF_CASES_DIR).is_dir()
+    if release and ((base / "data").is_dir() or (base / "persona").is_dir()):
+        raise DataError(f"{base} holds both PersonaFeedback's published layout (persona/, "
+                        f"data/) and the release's ({RELEASE_PF_CASES_DIR}/, "
+                        f"{RELEASE_PF_PERSONA_DIR}/); point the root at a folder with one")
+    if release:
+        return col.result(_load_release_personafeedback(base, col, tiers, kinds),
+                          f"PersonaFeedback cases under {base}")
     case_files, looked = _pf_case_files(base, tiers, kinds)
     if not case_files:
         raise DataError(f"no PersonaFeedback case files under {base}; looked for "
-                        f"{', '.join(map(str, looked))}")
+                        f"{', '.join(map(str, looked))} (or, for the release's eval/data, "
+                        f"{RELEASE_PF_CASES_DIR}/<kind>_<easy|mid|hard>.jsonl)")
     persona_path = _existing_file(base / "persona" / "all_personas.jsonl",
                                   "PersonaFeedback persona")
     personas = _pf_personas(persona_path, col)

@@ -1,4 +1,4 @@
-"""Where a model lives and how it is loaded: the `tiny` alias, dtypes, devices, tokenizers.
+"""Where a model lives and how it is loaded: the model aliases, dtypes, devices, tokenizers.
 
 Shared by the HF engine, the learner and the judges so that every process resolves
 `policy.model_path` and dtypes the same way and fails with the same one-line error.
@@ -6,6 +6,7 @@ Shared by the HF engine, the learner and the judges so that every process resolv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +15,37 @@ import torch
 from cpe_ray.config import TINY_MODEL
 from cpe_ray.errors import ConfigError
 from cpe_ray.paths import resolve_path
+from cpe_ray.smollm2 import SMOLLM2_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _tiny() -> Path:
+    from cpe_ray.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def _smollm2() -> Path:
+    from cpe_ray.smollm2 import ensure_smollm2_model
+
+    return ensure_smollm2_model()
+
+
+# Names that stand for a model built offline into the cache on first use (atomically, safe
+# when processes race): valid wherever a model path is (policy, grm, critic, stages, eval).
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {TINY_MODEL: _tiny, SMOLLM2_MODEL: _smollm2}
+
+
 def resolve_model_path(model_path: str) -> str:
-    """`tiny` builds (once) and returns the offline tiny model; a local directory must exist.
+    """An alias (`MODEL_ALIASES`) builds (once) and returns its model; a local directory must
+    exist.
 
     Anything else is taken as a hub id, which only works where the hub cache already holds it:
     nothing here downloads.
     """
-    if model_path == TINY_MODEL:
-        from cpe_ray.tiny import ensure_tiny_model
-
-        return str(ensure_tiny_model())
+    if model_path in MODEL_ALIASES:
+        return str(MODEL_ALIASES[model_path]())
     local = resolve_path(model_path)
     if local.exists():
         if not (local / "config.json").is_file():

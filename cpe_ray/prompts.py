@@ -9,7 +9,7 @@ ones; both are checked when the template is loaded, before any actor starts. Onl
 from __future__ import annotations
 
 import re
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 from cpe_ray.errors import TemplateError
@@ -43,6 +43,20 @@ class PromptTemplate:
                 f"template {self.source} lacks required placeholder(s) "
                 f"{', '.join('{' + m + '}' for m in sorted(missing))}; add them to the template"
             )
+
+    def renamed(self, names: Mapping[str, str]) -> PromptTemplate:
+        """The same template with placeholders renamed (`{old}` -> `{new}` for each entry):
+        a prompt written for other code's placeholder names then renders with ours."""
+
+        def sub(match: re.Match[str]) -> str:
+            return "{" + names.get(match.group(1), match.group(1)) + "}"
+
+        return PromptTemplate(text=_PLACEHOLDER.sub(sub, self.text), source=self.source)
+
+    def line_of(self, fragment: str) -> int:
+        """1-based line of the first occurrence of `fragment` (1 if absent), for messages."""
+        at = self.text.find(fragment)
+        return self.text.count("\n", 0, at) + 1 if at >= 0 else 1
 
     def render(self, **values: str) -> str:
         """Substitute placeholders in one pass, so values containing braces stay verbatim."""

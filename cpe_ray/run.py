@@ -1,76 +1,209 @@
 """`cpe-ray train`: check everything cheap first, then start Ray, the runtime and the loop.
 
-Order: config (already validated), data records, judge backend, model path (the tiny model is
-built here if needed) - each failing with one line before any actor starts - then Ray, the
-placement and actors, an optional resume, the loop, checkpoints, and a summary of where
-everything is. Checkpoints are written to a temporary directory and renamed when complete.
+Order: config (already validated), data records (skipped ones listed), judge backend, model
+path (the tiny model is built here if needed) - each failing with one line before any actor
+starts - then the run directory (refused if it holds another run), Ray, the placement and
+actors, an optional resume (logs cut back to the checkpoint's step), the loop, checkpoints
+(by steps and by minutes, each whole or absent), and a summary of where everything is.
+
+The loop survives its actors: an engine that dies is started again and the step redone; a
+learner that dies is started again from the newest whole checkpoint and the steps since are
+replayed without being logged again (`cpe_ray.runtime.recovery`). Ctrl-C and SIGTERM stop
+the run within seconds with one line; Ray's processes go with it.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 from cpe_ray.config import Config
 from cpe_ray.data import load_prompts
-from cpe_ray.errors import ConfigError
+from cpe_ray.errors import (
+    ConfigError,
+    CpeError,
+    install_stop_handlers,
+    quiet_stop_signals,
+    stop_signals,
+)
 from cpe_ray.judges.client import JudgeClient, check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
 from cpe_ray.runs import (
     POLICY_DIR,
+    SavePolicy,
     checkpoints,
     init_ray,
-    is_due,
+    note,
     open_run,
     progress_bar,
+    read_trainer_state,
     restore,
     write_checkpoint,
 )
 
+SHOWN_PROBLEMS = 3  # skipped data records listed by file:line (the rest counted)
+# Metrics that count prompts over rollout.max_prompt_length (warned about once a run)
+TRUNCATION_METRICS = ("rollout/questions_shortened", "rollout/prompts_cut_left",
+                      "post_edit/truncated_prompts")
+
+
+def _load_records(cfg: Config) -> list:
+    path = resolve_path(cfg.data.train_path)
+    loaded = load_prompts(path, cfg.data.on_bad_record)
+    if loaded.skipped:
+        shown = "; ".join(loaded.problems[:SHOWN_PROBLEMS])
+        more = f"; {loaded.skipped - SHOWN_PROBLEMS} more" if (
+            loaded.skipped > SHOWN_PROBLEMS) else ""
+        note(f"data.on_bad_record=skip: skipped {loaded.skipped} bad record(s) of {path} "
+             f"({len(loaded.records)} loaded): {shown}{more}")
+    return loaded.records
+
 
 def train(cfg: Config, progress: bool = True) -> dict:
+    with stop_signals():
+        records = _load_records(cfg)
+        if len(records) < cfg.trainer.rollout_batch_size:
+            raise ConfigError(f"{cfg.data.train_path} has {len(records)} prompts, fewer than "
+                              f"trainer.rollout_batch_size ({cfg.trainer.rollout_batch_size})")
+        check_backend(cfg)
+        resolve_model_path(cfg.policy.model_path)
+        if cfg.grm.model_path:
+            resolve_model_path(cfg.grm.model_path)
+        run_dir, resume = open_run(cfg, None, cfg.trainer.resume, "trainer.resume")
+        return _train_on_ray(cfg, records, run_dir, resume, progress)
+
+
+def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None,
+                  progress: bool) -> dict:
     import ray
 
-    from cpe_ray.rl.trainer import Trainer, step_summary
+    from cpe_ray.rl.trainer import Trainer
+    from cpe_ray.runtime.recovery import Restorable, Supervisor
     from cpe_ray.runtime.start import start_runtime
     from cpe_ray.tracking import Tracker
 
-    records = load_prompts(resolve_path(cfg.data.train_path), cfg.data.on_bad_record).records
-    if len(records) < cfg.trainer.rollout_batch_size:
-        raise ConfigError(f"{cfg.data.train_path} has {len(records)} prompts, fewer than "
-                          f"trainer.rollout_batch_size ({cfg.trainer.rollout_batch_size})")
-    check_backend(cfg)
-    resolve_model_path(cfg.policy.model_path)
-    if cfg.grm.model_path:
-        resolve_model_path(cfg.grm.model_path)
-    run_dir, resume = open_run(cfg, None, cfg.trainer.resume, "trainer.resume")
-
-    started_ray = init_ray(cfg)
-    rt = start_runtime(cfg)
-    tracker = None
+    started_ray = False
+    rt = tracker = None
     try:
-        start, run_id = 0, None
+        started_ray = init_ray(cfg)
+        install_stop_handlers()  # ray.init replaced the SIGTERM handler
+        rt = start_runtime(cfg)
+        start, run_id, carried = 0, None, {}
         if resume is not None:
             start, run_id = restore(rt.learner, resume)
+            carried = read_trainer_state(resume).get("faults") or {}
             rt.learner.sync_weights()  # engines must sample from the restored policy
-        tracker = Tracker(cfg, run_dir, run_id)
-        trainer = Trainer(cfg, rt, JudgeClient(cfg, rt.grms, rt.grm_labels), records, tracker)
-        total = trainer.total_steps()
-        last: dict = {}
-        bar = progress_bar(total, start, cfg.run.name, progress)
-        for step in range(start, total):
-            last = trainer.fit_one(step)
-            done = step + 1
-            if is_due(done, total, cfg.trainer.save_every):
-                write_checkpoint(rt.learner, run_dir, done, POLICY_DIR, tracker.run_id)
-            if progress:
-                bar.write(step_summary(step, total, last))
-                bar.set_postfix(reward=f"{last.get('reward/original/weighted', 0.0):+.3f}")
-                bar.update(1)
-        bar.close()
-        return {"run_dir": str(run_dir), "steps": total, "resumed_from": start,
-                "last": last, "checkpoints": [str(p) for p in checkpoints(run_dir)]}
+        tracker = Tracker(cfg, run_dir, run_id, start_step=start)
+        if tracker.dropped:
+            note(f"cut metrics.jsonl and samples.jsonl back to the checkpoint of step {start} "
+                 f"({tracker.dropped} row(s) of later steps dropped)")
+        judge = JudgeClient(cfg, rt.grms, rt.grm_labels)
+        trainer = Trainer(cfg, rt, judge, records, tracker)
+        supervisor = Supervisor(
+            rt, cfg.trainer.max_restarts, judge.actors, log=lambda line: print(line, flush=True),
+            restarts=int(carried.get("restarts", 0)),
+            seconds_lost=float(carried.get("seconds_lost", 0.0)),
+            restore_point=Restorable(resume, start))
+        loop = Loop(cfg, run_dir, trainer, tracker, supervisor, progress)
+        return loop.run(start, resume)
     finally:
+        quiet_stop_signals()
         if tracker is not None:
             tracker.finish()
-        rt.shutdown()
+        if rt is not None:
+            rt.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+class Loop:
+    """The steps of one `cpe-ray train` process, with checkpoints and fault recovery."""
+
+    def __init__(self, cfg: Config, run_dir: Path, trainer: Any, tracker: Any,
+                 supervisor: Any, progress: bool) -> None:
+        self.cfg, self.run_dir, self.trainer, self.tracker = cfg, run_dir, trainer, tracker
+        self.supervisor, self.progress = supervisor, progress
+        self.saver = SavePolicy(cfg.trainer.save_every, cfg.trainer.save_every_minutes)
+        self.whole: dict[int, Path] = {}  # checkpoints written (or resumed from), by step
+        self.warned_truncation = False
+
+    def run(self, start: int, resume: Path | None) -> dict:
+        from cpe_ray.rl.trainer import step_summary
+
+        if resume is not None:
+            self.whole[start] = resume
+        total = self.trainer.total_steps()
+        bar = progress_bar(total, start, self.cfg.run.name, self.progress)
+        last: dict = {}
+        step = start
+        try:
+            while step < total:
+                metrics, step = self._one(step, total)
+                if metrics is None:
+                    continue
+                last = metrics
+                self._warn_truncation(metrics)
+                if self.progress:
+                    bar.write(step_summary(step - 1, total, last))
+                    bar.set_postfix(reward=f"{last.get('reward/original/weighted', 0.0):+.3f}")
+                bar.update(1)
+        except CpeError as exc:  # one line, with where the run can go on from
+            exc.args = (self._context(exc, step, total),)
+            raise
+        finally:
+            bar.close()
+        newest = self.whole[max(self.whole)] if self.whole else None
+        return {"run_dir": str(self.run_dir), "steps": total, "resumed_from": start,
+                "last": last, "checkpoint": str(newest) if newest else None,
+                "checkpoints": [str(p) for p in checkpoints(self.run_dir)],
+                "faults": self.supervisor.metrics()}
+
+    def _one(self, step: int, total: int) -> tuple[dict | None, int]:
+        """Step `step` with its log and checkpoint: (its metrics, the next step); (None, the
+        step to go on from) when it was a replay or a fault interrupted it."""
+        sup = self.supervisor
+        began = time.perf_counter()
+        sup.step = step
+        replay = self.tracker.next_step is not None and step < self.tracker.next_step
+        try:
+            metrics = self.trainer.fit_one(step, sup.metrics)
+            done = step + 1
+            if self.saver.due(done, total) and done not in self.whole:
+                self._save(done)
+        except CpeError as err:
+            if not sup.recoverable(err):
+                raise
+            return None, sup.recover(err, step, began)
+        if replay:
+            sup.lose(time.perf_counter() - began)
+            return None, step + 1
+        return metrics, step + 1
+
+    def _save(self, done: int) -> None:
+        sup = self.supervisor
+        path = write_checkpoint(
+            self.trainer.rt.learner, self.run_dir, done, POLICY_DIR, self.tracker.run_id,
+            self.cfg.run.checkpoint_checksums,
+            extra={"faults": {"restarts": sup.restarts, "seconds_lost": sup.seconds_lost}})
+        from cpe_ray.runtime.recovery import Restorable
+
+        self.whole[done] = path
+        sup.restore_point = Restorable(path, done)
+        self.saver.saved()
+
+    def _warn_truncation(self, metrics: dict[str, float]) -> None:
+        counts = {k: int(metrics.get(k, 0)) for k in TRUNCATION_METRICS if metrics.get(k)}
+        if counts and not self.warned_truncation:
+            self.warned_truncation = True
+            what = ", ".join(f"{k} {v}" for k, v in counts.items())
+            note(f"warning: prompts over rollout.max_prompt_length="
+                 f"{self.cfg.rollout.max_prompt_length} tokens were shortened ({what} in this "
+                 "step; counted in those metrics every step, warned about once)")
+
+    def _context(self, exc: BaseException, step: int, total: int) -> str:
+        newest = self.whole[max(self.whole)] if self.whole else None
+        where = (f"the newest whole checkpoint is {newest}: resume with trainer.resume=auto"
+                 if newest is not None else "no checkpoint was written yet")
+        return f"{exc} (at step {min(step, total - 1) + 1}/{total}; {where})"

@@ -1,35 +1,68 @@
-"""What every training job shares: its run directory, atomic checkpoints, resume, joining Ray.
+"""What every training job shares: its run directory, whole checkpoints, resume, joining Ray.
 
 `cpe-ray train`, `sft`, `grm train` and `rm train` all write
 
-    <run.output_dir>/<name>/config.yaml, metrics.jsonl, wandb/
-    <run.output_dir>/<name>/checkpoints/step-N/{<model dir> (HF), state/, trainer_state.json}
+    <run.output_dir>/<name>/config.yaml, metrics.jsonl, samples.jsonl, wandb/
+    <run.output_dir>/<name>/checkpoints/step-N/{<model dir> (HF), state/, trainer_state.json,
+                                                manifest.json}
 
-A checkpoint is written into a hidden temporary directory and renamed into place when
-complete, so a crash never leaves a partial `step-N`; only directories holding
-`trainer_state.json` count as checkpoints. `resume=auto` takes the newest one.
+A run directory belongs to one run. Opening one that holds another run's logs or checkpoints
+is refused unless the job continues it (`<section>.resume=auto`) or replaces it
+(`run.overwrite=true`), so two runs never mix in one `metrics.jsonl`.
+
+A checkpoint is written into a hidden temporary directory, its `manifest.json` (the size and,
+with `run.checkpoint_checksums`, the sha256 of every file) written last, and the directory is
+renamed into place. It is *whole* when every file of its manifest is there with that size
+(and checksum): `resume=auto` takes the newest whole one and says which newer ones it skipped
+and why; temporary directories that a crash left behind are removed when a run opens.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cpe_ray.config import Config, save_config
-from cpe_ray.errors import ConfigError
+from cpe_ray.errors import ConfigError, CpeError, RunIOError, describe_os_error
 from cpe_ray.paths import resolve_path
 
 # Set by Ray's job supervisor for a job's driver only (not by `ray start`, not in a shell).
 JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # written last: a checkpoint without one is not whole
+MANIFEST_FORMAT = 1
 STATE_DIR = "state"  # the full training state (DeepSpeed's files) inside a checkpoint
 POLICY_DIR = "policy"  # the HF policy inside a checkpoint (`policy.model_path` takes it)
+TMP_INFIX = ".tmp-"  # `.step-N.tmp-<id>`: a checkpoint being written
+OLD_INFIX = ".old-"  # `.step-N.old-<id>`: a checkpoint being replaced by a new one
+# What a run writes into its directory (config.yaml aside): what `run.overwrite` removes.
+METRICS_FILE, SAMPLES_FILE = "metrics.jsonl", "samples.jsonl"
+RUN_ARTIFACTS = (METRICS_FILE, SAMPLES_FILE, "checkpoints", "wandb", "summary.json")
+# A checkpoint write that fails with less than this free on its file system ran out of space
+# (DeepSpeed's torch.save then says "unexpected pos ...", not ENOSPC).
+DISK_FULL_MARGIN_BYTES = 1024**2
+HASH_CHUNK_BYTES = 4 * 1024**2
+MB = 1024**2
+CONNECT_RETRY_S = 1.0  # between attempts to reach cluster.address
+
+
+def note(message: str) -> None:
+    """An informational line of ours (what resume chose, what was skipped, a restart)."""
+    print(f"cpe-ray: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- Ray
 
 
 def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -42,6 +75,32 @@ def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | N
     return "auto" if JOB_DRIVER_ENV in environ else None
 
 
+def wait_reachable(address: str, timeout_s: float) -> None:
+    """Until `address` (host:port or ray://host:port) accepts a TCP connection, at most
+    `timeout_s`; else one line. Ray's own connect retries for minutes and prints a warning
+    every few seconds, so an unreachable cluster is caught here before `ray.init`."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster.address={address!r} is not host:port, ray://host:port or "
+                          "auto")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(left, 0.1)):
+                return
+        except OSError as exc:
+            if time.monotonic() + CONNECT_RETRY_S >= deadline:
+                reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+                raise CpeError(
+                    f"cluster.address={address}: no Ray cluster answered within {timeout_s:g} s "
+                    f"({reason}); start it (ray start --head) or fix the address "
+                    "(cluster.connect_timeout_s sets the wait)") from None
+        time.sleep(CONNECT_RETRY_S)
+
+
 def init_ray(cfg: Config) -> bool:
     """Connect to (or start) Ray unless this process already has; True if it did."""
     import ray
@@ -50,7 +109,13 @@ def init_ray(cfg: Config) -> bool:
         return False
     address = ray_address(cfg)
     if address:
-        ray.init(address=address, log_to_driver=False)
+        wait_reachable(address, cfg.cluster.connect_timeout_s)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise CpeError(f"cluster.address={address}: could not join the Ray cluster "
+                           f"({detail})") from None
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
@@ -65,19 +130,97 @@ def progress_bar(total: int, start: int, desc: str, progress: bool) -> Any:
                 disable=None if progress else True, dynamic_ncols=True)
 
 
+# --------------------------------------------------------------------------- run directory
+
+
 def run_dir_for(cfg: Config, name: str | None = None) -> Path:
     """`run.output_dir/<name>`; the name is `run.name` for `cpe-ray train`."""
     return Path(cfg.run.output_dir).expanduser() / (name or cfg.run.name)
 
 
+def _dir_problem(run_dir: Path, exc: OSError) -> str:
+    """Why `run_dir` cannot be used, naming the path at fault (a file in the way, ...)."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a directory"
+    return describe_os_error(exc, "cannot write", exc.filename or run_dir)
+
+
+def describe_run(run_dir: Path) -> str | None:
+    """What another run left in `run_dir` (logged steps, checkpoints), or None if nothing."""
+    parts = []
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size:
+        with metrics.open("rb") as f:
+            lines = sum(1 for line in f if line.strip())
+        parts.append(f"{lines} logged step(s) in {METRICS_FILE}")
+    found = sorted((run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*"), key=_step_of)
+    if found:
+        parts.append(f"checkpoints {', '.join(p.name for p in found)}")
+    if not parts and (run_dir / SAMPLES_FILE).is_file() and (run_dir / SAMPLES_FILE).stat(
+            ).st_size:
+        parts.append(f"a {SAMPLES_FILE}")
+    return " and ".join(parts) or None
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote (`RUN_ARTIFACTS`), for `run.overwrite=true`."""
+    for name in RUN_ARTIFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def remove_partial(run_dir: Path) -> list[str]:
+    """Remove checkpoint directories a crash left half-written or half-replaced."""
+    removed = []
+    for path in sorted((run_dir / "checkpoints").glob(f".{CKPT_PREFIX}*")):
+        if TMP_INFIX in path.name or OLD_INFIX in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def _inside(path: Path, run_dir: Path) -> bool:
+    try:
+        path.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def open_run(cfg: Config, name: str | None, resume_mode: str, resume_key: str
              ) -> tuple[Path, Path | None]:
     """The run directory (created, with the resolved `config.yaml`) and the checkpoint to
-    resume from (`resume_mode` is the config key `resume_key`), checked before Ray starts."""
+    resume from (`resume_mode` is the config key `resume_key`), checked before Ray starts.
+
+    A directory holding another run is refused unless this job continues it (resume=auto, or a
+    checkpoint inside it) or replaces it (`run.overwrite=true`): one line saying which."""
     run_dir = run_dir_for(cfg, name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = find_resume(resume_mode, run_dir, resume_key)
-    save_config(cfg, run_dir / "config.yaml")
+    overwrite = cfg.run.overwrite
+    if overwrite and resume_mode != "never":
+        raise ConfigError(f"run.overwrite=true starts {run_dir} afresh, {resume_key}="
+                          f"{resume_mode} continues it; set one of them")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name_ in remove_partial(run_dir):
+            note(f"removed the partial checkpoint {run_dir / 'checkpoints' / name_}")
+        resume = find_resume(resume_mode, run_dir, resume_key, cfg.run.checkpoint_checksums)
+        continues = resume_mode == "auto" or (resume is not None and _inside(resume, run_dir))
+        held = None if continues else describe_run(run_dir)
+        if held and not overwrite:
+            raise ConfigError(
+                f"{run_dir} holds another run ({held}); continue it with {resume_key}=auto, "
+                "replace it with run.overwrite=true, or choose another run name")
+        if held:
+            note(f"run.overwrite=true: removing the previous run in {run_dir} ({held})")
+            clear_run(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as exc:
+        raise RunIOError(f"run directory {run_dir}: {_dir_problem(run_dir, exc)}; set "
+                         "run.output_dir to a writable directory") from None
     return run_dir, resume
 
 
@@ -87,29 +230,122 @@ def is_due(done: int, total: int, every: int) -> bool:
     return done == total or bool(every and done % every == 0)
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _step_of(path: Path) -> int:
+    tail = path.name.removeprefix(CKPT_PREFIX)
+    return int(tail) if tail.isdigit() else -1
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Whole checkpoints, oldest first (a crash mid-write leaves only a .tmp directory)."""
+    """Checkpoints that finished writing (they hold a manifest), oldest first. Whether each
+    is still whole is `verify_checkpoint`'s question, asked on resume."""
     root = run_dir / "checkpoints"
-    found = [p for p in root.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
+    found = [p for p in root.glob(f"{CKPT_PREFIX}*")
+             if _step_of(p) >= 0 and (p / MANIFEST).is_file()]
+    return sorted(found, key=_step_of)
 
 
-def find_resume(mode: str, run_dir: Path, key: str) -> Path | None:
-    """The checkpoint `mode` ("never", "auto" or a path; the config key `key`) points to."""
+def _files(root: Path) -> Iterator[Path]:
+    for dirpath, _, names in os.walk(root):
+        for name in sorted(names):
+            yield Path(dirpath, name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path, step: int, checksums: bool) -> dict[str, Any]:
+    """`manifest.json`: every file under `ckpt` with its size (and sha256), fsynced."""
+    files = {}
+    for path in _files(ckpt):
+        rel = path.relative_to(ckpt).as_posix()
+        if rel == MANIFEST:
+            continue
+        entry: dict[str, Any] = {"bytes": path.stat().st_size}
+        if checksums:
+            entry["sha256"] = _sha256(path)
+        files[rel] = entry
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    _write_json(ckpt / MANIFEST, manifest)
+    return manifest
+
+
+def verify_checkpoint(ckpt: Path, checksums: bool = True) -> str | None:
+    """Why `ckpt` is not whole (naming the file), or None. Sizes are always compared;
+    checksums too when the manifest has them and `checksums` is set."""
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} (interrupted while written, or written before manifests)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        return f"{MANIFEST} is unreadable ({type(exc).__name__})"
+    if TRAINER_STATE not in files:
+        return f"{MANIFEST} lists no {TRAINER_STATE}"
+    for rel, entry in sorted(files.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{rel} is {size} bytes, the manifest says {entry.get('bytes')}"
+        if checksums and entry.get("sha256") and _sha256(path) != entry["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    try:
+        state = read_trainer_state(ckpt)
+    except CpeError as exc:
+        return str(exc)
+    if state["step"] != _step_of(ckpt):
+        return f"{TRAINER_STATE} says step {state['step']}, the folder step {_step_of(ckpt)}"
+    return None
+
+
+def find_resume(mode: str, run_dir: Path, key: str, checksums: bool = True) -> Path | None:
+    """The checkpoint `mode` ("never", "auto" or a path; the config key `key`) points to.
+    "auto" takes the newest whole checkpoint of `run_dir` and says which it skipped and why."""
     if mode == "never":
         return None
     if mode == "auto":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
+        root = run_dir / "checkpoints"
+        candidates = sorted((p for p in root.glob(f"{CKPT_PREFIX}*") if _step_of(p) >= 0),
+                            key=_step_of, reverse=True)
+        for ckpt in candidates:
+            problem = verify_checkpoint(ckpt, checksums)
+            if problem is None:
+                note(f"{key}=auto: resuming from {ckpt} (step {_step_of(ckpt)})")
+                return ckpt
+            note(f"{key}=auto: skipped {ckpt}: {problem}")
+        if candidates:
+            note(f"{key}=auto: no whole checkpoint in {root}; starting at step 0")
+        return None
     path = resolve_path(mode)
-    if not (path / TRAINER_STATE).is_file():
-        raise ConfigError(f"{key}={mode}: {path} is not a whole checkpoint "
-                          f"(no {TRAINER_STATE}); use auto, never or a step-N directory")
+    problem = verify_checkpoint(path, checksums) if path.is_dir() else "no such directory"
+    if problem is not None:
+        raise ConfigError(f"{key}={mode}: {path} is not a whole checkpoint: {problem}; use "
+                          "auto, never or a whole step-N directory")
     return path
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
+    """`trainer_state.json` of a checkpoint; one line naming the file if it is damaged."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CpeError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CpeError(f"{path} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CpeError(f"{path} holds no integer 'step'")
+    return state
 
 
 def restore(learners: Any, checkpoint: Path) -> tuple[int, str | None]:
@@ -120,20 +356,97 @@ def restore(learners: Any, checkpoint: Path) -> tuple[int, str | None]:
     return int(state["step"]), state.get("wandb_run_id")
 
 
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with path.open("w") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tree_bytes(root: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in _files(root))
+    except OSError:
+        return 0
+
+
+def out_of_space(exc: BaseException, where: Path) -> bool:
+    """Whether `exc` (or what caused it, through Ray's wrappers) is a full disk at `where`."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "no space left" in str(e).lower():
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    try:
+        return shutil.disk_usage(where).free < DISK_FULL_MARGIN_BYTES
+    except OSError:
+        return False
+
+
 def write_checkpoint(learners: Any, run_dir: Path, step: int, model_dir: str,
-                     run_id: str | None) -> Path:
+                     run_id: str | None, checksums: bool = True,
+                     extra: Mapping[str, Any] | None = None,
+                     resume_key: str = "trainer.resume") -> Path:
     """`checkpoints/step-<step>`: `learners` (a learner group: PPO or supervised) exports its
     model in HF format to `<model_dir>/` and its full training state to `state/`, beside
-    `trainer_state.json`; all in a temporary directory renamed once complete."""
+    `trainer_state.json` (with `extra`), and `manifest.json` last; all in a temporary
+    directory renamed once complete. A failure removes the temporary directory; a full disk
+    is one line saying so."""
     root = run_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step}"
-    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    learners.export_hf(str(tmp / model_dir))
-    learners.save_state(str(tmp / STATE_DIR))
-    state = {"step": step, "wandb_run_id": run_id, "model_dir": model_dir}
-    (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # atomic: a checkpoint either exists whole or not at all
+    tag = uuid.uuid4().hex[:8]
+    tmp = root / f".{final.name}{TMP_INFIX}{tag}"
+    try:
+        tmp.mkdir(parents=True)
+        learners.export_hf(str(tmp / model_dir))
+        learners.save_state(str(tmp / STATE_DIR))
+        state = {"step": step, "wandb_run_id": run_id, "model_dir": model_dir, **(extra or {})}
+        _write_json(tmp / TRAINER_STATE, state)
+        write_manifest(tmp, step, checksums)  # last: the proof that the rest is there
+        if final.exists():  # a checkpoint of this step from before a resume: set it aside
+            old = root / f".{final.name}{OLD_INFIX}{tag}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)  # atomic: a checkpoint either exists whole or not at all
+    except BaseException as exc:
+        written = _tree_bytes(tmp)
+        full = out_of_space(exc, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise RunIOError(
+                f"no space left on device writing checkpoint {final} ({written / MB:.1f} MB "
+                f"written, removed again); free space there and resume with {resume_key}=auto"
+            ) from None
+        if isinstance(exc, OSError):
+            raise RunIOError(describe_os_error(exc, f"writing checkpoint {final}: cannot write"
+                                               )) from None
+        raise
     return final
+
+
+@dataclass
+class SavePolicy:
+    """When to checkpoint: every `every` steps, every `minutes` of training, and at the end."""
+
+    every: int
+    minutes: float
+    last_save: float = 0.0  # time.monotonic() of the last checkpoint (or the start)
+
+    def __post_init__(self) -> None:
+        self.last_save = self.last_save or time.monotonic()
+
+    def due(self, done: int, total: int) -> bool:
+        late = self.minutes > 0 and time.monotonic() - self.last_save >= self.minutes * 60
+        return late or is_due(done, total, self.every)
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,13 +52,22 @@ CHAT_TEMPLATE = (
 TINY_DIR_NAME = "tiny-model-v2"
 
 
+CACHE_ENV = "CPE_RAY_CACHE"  # where built models live; default ~/.cache/cpe-ray
+MOVE_ATTEMPTS = 8  # renames tried against racing builders before giving up
+
+
+def cache_root() -> Path:
+    """`$CPE_RAY_CACHE`, else `~/.cache/cpe-ray` (read now, not at import): where the model
+    aliases (`tiny`, `smollm2-135m`) are built."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "cpe-ray"
+
+
 def default_tiny_dir() -> Path:
     """`$CPE_RAY_CACHE/tiny-model-v2`, else `~/.cache/cpe-ray/tiny-model-v2` (read now, not at
     import). v2: head size 32, which vLLM's CPU attention accepts (v1's 16 it refuses); a new
     name, so a cache holding v1 is not reused as if it were v2."""
-    root = os.environ.get("CPE_RAY_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "cpe-ray"
-    return base / TINY_DIR_NAME
+    return cache_root() / TINY_DIR_NAME
 
 
 DEFAULT_TINY_DIR = default_tiny_dir()
@@ -272,26 +282,40 @@ def _move_aside(path: Path) -> None:
     _discard(trash)
 
 
-def _build(out_dir: Path, spec: TinyModelSpec, replace_complete: bool) -> Path:
+def atomic_build(out_dir: Path, write: Callable[[Path], None],
+                 complete: Callable[[Path], bool], replace_complete: bool,
+                 what: str = "model") -> Path:
+    """Run `write` into a private sibling directory, then rename it to `out_dir` in one step.
+
+    Readers never see a half-written model, and processes that race each build privately:
+    the first rename wins; a loser that finds a complete `out_dir` uses it (unless
+    `replace_complete`, then it replaces it once), and one that finds an incomplete leftover
+    moves it aside and tries again. Shared by every built model alias (`tiny`, `smollm2-135m`).
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        _write_model(tmp, spec)
-        for _ in range(8):
+        write(tmp)
+        for _ in range(MOVE_ATTEMPTS):
             try:
                 os.rename(tmp, out_dir)  # atomic; fails if out_dir is a non-empty directory
                 return out_dir
             except OSError:
                 if not out_dir.exists():
                     raise
-            if is_complete(out_dir) and not replace_complete:
+            if complete(out_dir) and not replace_complete:
                 return out_dir  # another process won the race; use its result
             replace_complete = False  # replace at most once, then accept whatever wins
             _move_aside(out_dir)
-        raise OSError(f"could not move tiny model into {out_dir}")
+        raise OSError(f"could not move the {what} into {out_dir}")
     finally:
         _discard(tmp)
+
+
+def _build(out_dir: Path, spec: TinyModelSpec, replace_complete: bool) -> Path:
+    return atomic_build(out_dir, lambda tmp: _write_model(tmp, spec), is_complete,
+                        replace_complete, "tiny model")
 
 
 def build_tiny_model(

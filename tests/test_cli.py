@@ -38,6 +38,9 @@ def test_config_prints_resolved_yaml() -> None:
     (("config", "--config", "nope.yaml"), "config file nope.yaml not found"),
     (("data-check", "prompts", "nope.jsonl"), "nope.jsonl"),
     (("grm-parse", "nope.txt"), "grm-parse: nope.txt is not a file"),
+    (("grm-parse", "-", "grm.template_placeholders.persona_str=profile"),
+     "grm.template_placeholders.persona_str = 'profile' is not one of: persona, question, answer"),
+    (("config", "grm.retry_temperature=0"), "grm.retry_temperature = 0.0 is outside (0, inf)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], expected: str) -> None:
     assert_one_line_error(cli(*args), expected)
@@ -66,6 +69,25 @@ def test_grm_parse_stdin() -> None:
     assert out["scores"] == {"helpfulness": 2.0, "personalization": 2.0, "naturalness": 2.0}
     assert out["reward"] == pytest.approx(2.0)  # (0.35 + 0.40 + 0.25) x 2
     assert cli("grm-parse", "-", stdin="no scores").returncode == 1
+
+
+def test_grm_parse_reports_the_labels_it_matched() -> None:
+    """A release-format output: before, naturalness was missing (exit 1, reward 2.25); now the
+    `Natural` label is matched and reported, and the reward is the release's 2.75."""
+    text = ("<critique>\n太长。\n</critique>\n\n<scores>\nHelpfulness: 3分\nPersonalization: 3分\n"
+            "Natural: 2分\n</scores>")
+    proc = cli("grm-parse", "-", stdin=text)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["labels"] == {"helpfulness": "Helpfulness", "personalization": "Personalization",
+                             "naturalness": "Natural"}
+    assert out["reward"] == pytest.approx(2.75) and out["critique"] == "太长。"
+    assert out["labels_tried"]["naturalness"] == ["naturalness", "natural", "自然度", "自然性"]
+    # a new GRM's own label, declared with an override, is checked in the same command
+    proc = cli("grm-parse", "-", "grm.label_aliases.naturalness=[Fluency]",
+               stdin=text.replace("Natural:", "Fluency:"))
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 0 and out["labels"]["naturalness"] == "Fluency"
 
 
 def test_tiny_model_command(tmp_path: Path) -> None:

@@ -386,3 +386,165 @@ def test_errors_are_cpe_errors_on_one_line(tmp_path: Path) -> None:
     with pytest.raises(CpeError) as err:
         load_pairwise(path)
     assert "\n" not in str(err.value) and "x.jsonl:1" in str(err.value)
+
+
+# --- the paper release's data (method.md 4) ------------------------------------------------------
+# Samples written here in the release's layouts; the release's own files stay out of the repo.
+
+ANA = {"Name": "Ana", "Demographics": {"Age": 31, "Career_Information": "护士，夜班"},
+       "Preference": {"Local_Life": {"Food_Drinks": "喜欢清淡的粥"}}}
+
+
+def release_user_turn(persona: dict, question: str, closing: str = "生成1个个性化回答：") -> str:
+    """A user turn of the release's RL_data structure, in our own words: instructions, the
+    persona's JSON after 当前用户配置：, an example, the question after 以下是用户问题：."""
+    return ("\n请以助手的身份回答这位用户的问题，回答要贴合用户。\n\n当前用户配置：\n"
+            + json.dumps(persona, ensure_ascii=False, indent=2)
+            + "\n\n请结合配置中的多个字段回答。\n\n示例：如果问题是\"周末去哪\"，可以回答\"去公园\"。\n\n"
+            f"以下是用户问题：{question}\n\n{closing}\n")
+
+
+def write_verl_parquet(path: Path, turns: list[object], index: list[int] | None = None) -> Path:
+    """verl's dataset layout: data_source, prompt (chat messages), ability, reward_model,
+    extra_info {index, split}; a turn that is not a string is written as the prompt itself."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"data_source": "persona",
+             "prompt": [{"content": t, "role": "user"}] if isinstance(t, str) else t,
+             "ability": "alignment",
+             "reward_model": {"ground_truth": "参考回答", "style": "model"},
+             "extra_info": {"index": (index or list(range(len(turns))))[i], "split": "test"}}
+            for i, t in enumerate(turns)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_verl_parquet_prompts_take_persona_and_question_out_of_the_user_turn(
+        tmp_path: Path) -> None:
+    """Before: "test.parquet:1: not valid UTF-8". After: the release's own persona text and
+    question, whichever closing instruction ends the turn and however long the question."""
+    path = write_verl_parquet(tmp_path / "test.parquet", [
+        release_user_turn(ANA, "夜班后怎么吃得健康？"),
+        release_user_turn({"Name": "Bo"}, "第一行\n\n第二行？", closing="生成1个完全个性化回答："),
+    ], index=[7, 9])
+    res = load_prompts(path)
+    assert (len(res.records), res.skipped) == (2, 0)
+    first, second = res.records
+    assert first.id == "test-7" and second.id == "test-9"
+    assert first.persona == json.dumps(ANA, ensure_ascii=False, indent=2)
+    assert first.persona.startswith('{\n  "Name": "Ana",\n  "Demographics": {\n    "Age": 31')
+    assert first.question == "夜班后怎么吃得健康？"
+    assert second.question == "第一行\n\n第二行？"
+    # the format is recognised by content, not by name
+    renamed = tmp_path / "prompts.jsonl"
+    renamed.write_bytes(path.read_bytes())
+    again = load_prompts(renamed).records
+    assert [(r.id, r.persona, r.question) for r in again] == [
+        ("prompts-7", first.persona, first.question), ("prompts-9", second.persona, second.question)]
+
+
+@pytest.mark.parametrize(("turn", "expected"), [
+    ("请回答：以下是用户问题：怎么办？\n\n生成1个个性化回答：", "has no persona marker '当前用户配置：'"),
+    ("当前用户配置：\n名字是 Ana\n\n以下是用户问题：怎么办？", "no persona JSON after '当前用户配置：'"),
+    ("当前用户配置：\n[1, 2]\n\n以下是用户问题：怎么办？", "the persona after '当前用户配置：' is array"),
+    ("当前用户配置：\n{\"Name\": \"Ana\"}\n\n请回答。", "has no question marker '以下是用户问题：'"),
+    ("当前用户配置：\n{\"Name\": \"Ana\"}\n以下是用户问题：\n\n生成1个个性化回答：", "the question after"),
+    ([{"role": "system", "content": "s"}], "has no user message with text content"),
+])
+def test_verl_parquet_bad_rows_name_file_and_row(tmp_path: Path, turn: object,
+                                                 expected: str) -> None:
+    path = write_verl_parquet(tmp_path / "t.parquet", [release_user_turn(ANA, "好？"), turn])
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}[1]: ") and expected in message and "\n" not in message
+    assert "expected the release's RL_data layout" in message or "role: user" in message
+    res = load_prompts(path, on_bad="skip")
+    assert (len(res.records), res.skipped) == (1, 1)
+
+
+def test_verl_parquet_file_level_errors(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pointer = tmp_path / "train.parquet"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    with pytest.raises(DataError, match=r"train\.parquet: named \.parquet but does not start "
+                                        r"with b'PAR1'.*Git LFS pointer"):
+        load_prompts(pointer)
+    flat = tmp_path / "flat.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "persona": "p"}]), flat)
+    with pytest.raises(DataError, match=r"no 'prompt' column \(has question, persona\); "
+                                        "expected verl's layout"):
+        load_prompts(flat)
+    twice = write_verl_parquet(tmp_path / "twice.parquet", [release_user_turn(ANA, "a？")] * 2,
+                               index=[3, 3])
+    with pytest.raises(DataError, match=r"twice\.parquet\[1\]: duplicate id 'twice-3'"):
+        load_prompts(twice)
+
+
+def make_release_pf(data: Path, cases: dict[str, list[object]],
+                    personas: dict[str, object] | None = None) -> Path:
+    """The release's eval/data: rm_benchmark_all/<kind>_<tier>.jsonl, persona_all/<id>.json."""
+    for name, persona in (personas or {"Ana_x1Q": ANA, "Bo_7zK": {"Name": "Bo"}}).items():
+        (data / "persona_all").mkdir(parents=True, exist_ok=True)
+        text = persona if isinstance(persona, str) else json.dumps(persona, ensure_ascii=False,
+                                                                   indent=2)
+        (data / "persona_all" / f"{name}.json").write_text(text, encoding="utf-8")
+    for name, rows in cases.items():
+        write_jsonl(data / "rm_benchmark_all" / name, rows)
+    return data
+
+
+def test_release_personafeedback_layout(tmp_path: Path) -> None:
+    """Before: "no PersonaFeedback case files under .../eval/data". After: every tier, mid as
+    medium, personas from their files as the release shows them to the policy."""
+    data = make_release_pf(tmp_path / "eval" / "data", {
+        "specific_easy.jsonl": [case("Ana_x1Q")],
+        "general_mid.jsonl": [case("Bo_7zK"), case("Ana_x1Q", question="Q2?")],
+        "general_hard.jsonl": [case("Bo_7zK")],
+    })
+    write_jsonl(data / "rm_benchmark_all" / "rm_benchmark_all" / "general_easy.jsonl",
+                [case("Nobody")])  # the release's nested copy is not read
+    res = load_personafeedback(data)
+    assert [(c.kind, c.tier, c.user_id) for c in res.records] == [
+        ("specific", "easy", "Ana_x1Q"), ("general", "medium", "Bo_7zK"),
+        ("general", "medium", "Ana_x1Q"), ("general", "hard", "Bo_7zK")]
+    assert res.records[0].persona == json.dumps(ANA, ensure_ascii=False, indent=2)
+    assert res.records[1].source == f"{data / 'rm_benchmark_all' / 'general_mid.jsonl'}:1"
+    assert [c.tier for c in load_personafeedback(data, tiers=("medium",)).records] == [
+        "medium", "medium"]
+
+
+@pytest.mark.parametrize(("uid", "expected"), [
+    ("Cy_000", "general_easy.jsonl:2: user_id 'Cy_000' has no persona: "),
+    ("../Ana_x1Q", "general_easy.jsonl:2: field 'user_id' must name a persona file, got "
+                   "'../Ana_x1Q'"),
+    (3, "general_easy.jsonl:2: field 'user_id' must name a persona file, got 3"),
+    ("Bad_json", "general_easy.jsonl:2: persona file "),
+])
+def test_release_personafeedback_bad_cases(tmp_path: Path, uid: object, expected: str) -> None:
+    data = make_release_pf(tmp_path / "data", {"general_easy.jsonl": [case("Bo_7zK"), case(uid)]},
+                           {"Bo_7zK": {"Name": "Bo"}, "Bad_json": "{not json"})
+    with pytest.raises(DataError) as err:
+        load_personafeedback(data)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    res = load_personafeedback(data, on_bad="skip")
+    assert (len(res.records), res.skipped) == (1, 1)
+
+
+def test_release_personafeedback_layout_errors(tmp_path: Path) -> None:
+    data = make_release_pf(tmp_path / "data", {})
+    (data / "rm_benchmark_all").mkdir()
+    with pytest.raises(DataError, match=r"no PersonaFeedback case files under .* \(the release's "
+                                        r"layout\); looked for .*specific_easy\.jsonl"):
+        load_personafeedback(data)
+    write_jsonl(data / "rm_benchmark_all" / "general_easy.jsonl", [case("Bo_7zK")])
+    make_pf(data)  # the published layout beside it: either could be meant
+    with pytest.raises(DataError, match="holds both PersonaFeedback's published layout"):
+        load_personafeedback(data)
+    lone = tmp_path / "lone"
+    write_jsonl(lone / "rm_benchmark_all" / "general_easy.jsonl", [case("Bo_7zK")])
+    with pytest.raises(DataError, match=r"persona folder not found: .*persona_all"):
+        load_personafeedback(lone)

@@ -26,12 +26,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cpe_ray.config.choices import GRM_BACKENDS
+from cpe_ray.config.choices import GRM_BACKENDS, GRM_TEMPLATE_FIELDS
 from cpe_ray.config.schema import (
     RESUME_KEYWORDS,
     ApiConfig,
     Config,
     EvalConfig,
+    GRMConfig,
 )
 from cpe_ray.errors import ConfigError
 
@@ -99,6 +100,12 @@ def _load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
     try:
         loaded = OmegaConf.load(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start} is not UTF-8); pass a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror or exc})"
+                          ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -239,6 +246,7 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
     if g.rubric_min_words > g.rubric_max_words:
         yield (f"grm.rubric_min_words ({g.rubric_min_words}) must not exceed "
                f"grm.rubric_max_words ({g.rubric_max_words})")
+    yield from _grm_template_problems(g)
     if g.score_min >= g.score_max:
         yield (f"grm.score_min ({g.score_min:g}) must be below grm.score_max ({g.score_max:g})")
     backend = GRM_BACKENDS[g.backend]
@@ -259,9 +267,12 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
                f"set rollout.n_samples_per_prompt >= 2 (it is {r.n_samples_per_prompt})")
     if p.kl_coef > 0 and not le.use_reference:
         yield "ppo.kl_coef > 0 needs a reference model; set learner.use_reference=true"
-    if t.rollout_batch_size % p.mini_batch_size:
+    if p.mini_batch_unit == "prompts" and t.rollout_batch_size % p.mini_batch_size:
         yield (f"trainer.rollout_batch_size ({t.rollout_batch_size}) is not a multiple of "
                f"ppo.mini_batch_size ({p.mini_batch_size})")
+    if len(le.adam_betas) != 2 or not all(0 <= b < 1 for b in le.adam_betas):
+        yield (f"learner.adam_betas = {le.adam_betas} must be two numbers in [0, 1) "
+               "(beta1, beta2), e.g. [0.9, 0.999]")
     c = cfg.cluster
     if c.colocate_learner_rollout and c.use_gpu and (
             r.num_engines * r.tensor_parallel_size != le.num_ranks):
@@ -275,6 +286,25 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
             yield f"{section}.resume is empty; use never, auto or a checkpoint path"
     yield from _eval_problems(cfg.eval)
     yield from _api_problems(cfg.distill.api, "distill.api")
+
+
+def _grm_template_problems(g: GRMConfig) -> Iterable[str]:
+    """The GRM prompt's placeholder mapping and label aliases (the files load at start-up)."""
+    if g.critique_template is not None and not g.critique_template.strip():
+        yield "grm.critique_template is empty; name a template file, or null for grm.template"
+    fields = ", ".join(GRM_TEMPLATE_FIELDS)
+    for name, target in g.template_placeholders.items():
+        if not str(name).isidentifier():
+            yield (f"grm.template_placeholders: {name!r} is not a placeholder name; use the "
+                   "name written between the braces, e.g. persona_str")
+        elif target not in GRM_TEMPLATE_FIELDS:
+            yield (f"grm.template_placeholders.{name} = {target!r} is not one of: {fields}")
+        elif name in GRM_TEMPLATE_FIELDS and name != target:
+            yield (f"grm.template_placeholders.{name} = {target!r} renames one of our own "
+                   f"placeholders ({fields}); map another prompt's names only")
+    for dim, labels in g.label_aliases.items():
+        if any(not isinstance(a, str) or not a.strip() for a in labels):
+            yield f"grm.label_aliases.{dim} holds an empty label; list non-empty names"
 
 
 def _api_problems(a: ApiConfig, section: str) -> Iterable[str]:

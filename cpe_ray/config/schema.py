@@ -8,14 +8,18 @@ enforces the rules generically. Loading and validation are in `loading.py` besid
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from cpe_ray.config.choices import (
     DEFAULT_DIMENSIONS,
+    DEFAULT_LABEL_ALIASES,
     DEFAULT_WEIGHTS,
     GRM_BACKENDS,
+    MINI_BATCH_UNITS,
     ON_MISSING_CHOICES,
+    RELEASE_TEMPLATE_PLACEHOLDERS,
     STRATEGIES,
 )
 
@@ -24,12 +28,20 @@ TINY_MODEL = "tiny"  # policy.model_path value meaning "the offline tiny model, 
 # tokens of SmolLM2-135M in float32 and 260,000 of the tiny model, well inside a 24 GiB box
 CPU_KV_CACHE_BYTES = 256 * 1024**2
 RESUME_KEYWORDS = ("never", "auto")  # trainer.resume values that are not a path
+# Checkpoint cadence by default: a fault costs at most this many steps or minutes of replay
+# (a tiny-model checkpoint is 4 MB and takes a fraction of a second)
+DEFAULT_SAVE_EVERY = 10
+DEFAULT_SAVE_EVERY_MINUTES = 30.0
+DEFAULT_MAX_RESTARTS = 3
+# AdamW's (beta1, beta2) by default: OpenRLHF's for RLHF actors and critics (a shorter second-
+# moment memory than torch's (0.9, 0.999), which verl and the paper release keep)
+DEFAULT_ADAM_BETAS = (0.9, 0.95)
 
 
 def _f(default: Any, **rules: Any) -> Any:
     """A dataclass field with validation rules as metadata (mutable defaults copied)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=rules)
+    if isinstance(default, list | dict):  # nested lists too: no instance shares them
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=rules)
     return field(default=default, metadata=rules)
 
 
@@ -38,6 +50,12 @@ class RunConfig:
     name: str = "cpe-tiny"
     output_dir: str = "outputs"
     seed: int = _f(42, ge=0)
+    # Replace what another run left in output_dir/<name> (logs, checkpoints, wandb); without
+    # it a run directory holding another run is refused unless the job resumes it.
+    overwrite: bool = False
+    # sha256 of every checkpoint file in its manifest, checked on resume; false records and
+    # checks sizes only (hashing a 7B run's ~100 GB checkpoint takes minutes)
+    checkpoint_checksums: bool = True
 
 
 @dataclass
@@ -48,6 +66,9 @@ class ClusterConfig:
     colocate_learner_rollout: bool = False
     cpus_per_bundle: float = _f(1.0, gt=0)
     placement_timeout_s: float = _f(60.0, gt=0)
+    # cluster.address must accept a connection within this; Ray's own connect retries for
+    # minutes with a warning every few seconds
+    connect_timeout_s: float = _f(30.0, gt=0)
 
 
 @dataclass
@@ -93,22 +114,35 @@ class ApiConfig:
 
 
 GRM_API_CONCURRENCY = 16  # the GRM judges every answer of a step: more requests in flight
+# A retry of an unparsed judgement from a greedy (temperature 0) call would write the same
+# text again; it samples at this temperature instead, below the critique call's 0.9 so that
+# the scores stay close to the greedy ones while the format gets another chance.
+GRM_RETRY_TEMPERATURE = 0.7
 
 
 @dataclass
 class GRMConfig:
     backend: str = _f("rubric", choices=tuple(GRM_BACKENDS))
     model_path: str | None = None
-    template: str = "grm_en.txt"
+    template: str = "grm_en.txt"  # the score call's prompt (a shipped name or a file path)
+    critique_template: str | None = None  # the critique call's prompt; None: grm.template
+    # a template's placeholder -> persona / question / answer; the default maps the
+    # release's names, so a prompt taken out of it loads as is (README: "The GRM")
+    template_placeholders: dict[str, str] = _f(dict(RELEASE_TEMPLATE_PLACEHOLDERS))
     dimensions: list[str] = _f(list(DEFAULT_DIMENSIONS))
+    # other labels the GRM may write for a dimension (the release's `Natural`, Chinese names)
+    label_aliases: dict[str, list[str]] = _f({d: list(a) for d, a in
+                                              DEFAULT_LABEL_ALIASES.items()})
     weights: dict[str, float] = _f(dict(DEFAULT_WEIGHTS))
     score_min: float = -5.0
     score_max: float = 5.0
     on_missing: str = _f("zero", choices=ON_MISSING_CHOICES)
     critique_temperature: float = _f(0.9, ge=0)
     score_temperature: float = _f(0.0, ge=0)
+    # retries of an unparsed judgement from a temperature-0 call sample at this temperature
+    retry_temperature: float = _f(GRM_RETRY_TEMPERATURE, gt=0)
     max_new_tokens: int = _f(512, ge=1)
-    max_retries: int = _f(5, ge=0)
+    max_retries: int = _f(5, ge=0)  # regenerations of an output that did not parse
     num_engines: int = _f(1, ge=1)
     tensor_parallel_size: int = _f(1, ge=1)
     gpu_memory_utilization: float = _f(0.9, gt=0, le=1)
@@ -128,8 +162,14 @@ class PostEditConfig:
     strategy: str = _f("random", choices=STRATEGIES)
     ratio: float = _f(0.5, ge=0, le=1)
     template: str = "edit_en.txt"
+    # Rewrites are sampled at this temperature (with rollout.top_p); the learner scores each
+    # row at the temperature it was sampled with (`Experience.temperature`).
     temperature: float = _f(1.0, ge=0)
     max_new_tokens: int = _f(48, ge=1)
+    # The number of kept rewrites is rounded down to a multiple of this (1: no rounding). The
+    # release keeps a multiple of its GPU count (8), because verl splits a batch evenly over
+    # data-parallel ranks; our learner takes any row count.
+    kept_multiple: int = _f(1, ge=1)
 
 
 @dataclass
@@ -137,13 +177,19 @@ class PPOConfig:
     advantage_estimator: str = _f("gae", choices=("gae", "grpo", "rloo"))
     gamma: float = _f(1.0, ge=0, le=1)
     lam: float = _f(1.0, ge=0, le=1)
+    # GAE only: whiten advantages over the batch's tokens (as verl and OpenRLHF do). GRPO /
+    # RLOO advantages are already relative to their group and are never whitened: over tokens,
+    # one long answer would shift every other answer's sign (verl, OpenRLHF, TRL agree).
     whiten_advantages: bool = True
     clip_low: float = _f(0.2, ge=0, le=1)
     clip_high: float = _f(0.2, ge=0)
     dual_clip: float | None = _f(None, gt=1)
     edit_loss: bool = True  # the off-policy rewrite loss of method.md 3.7; False: plain PPO
-    edit_clip_low: float = _f(0.2, ge=0, le=1)
-    edit_clip_high: float = _f(0.2, ge=0)
+    # The rewrite ratio pi_theta / pi_e is clipped to [1 - edit_clip_low, 1 + edit_clip_high]
+    # (the paper's text); null leaves that side open. The release's main CPE script runs both
+    # null (off_policy_min_clip = off_policy_max_clip = -1, method.md 3.7).
+    edit_clip_low: float | None = _f(0.2, ge=0, le=1)
+    edit_clip_high: float | None = _f(0.2, ge=0)
     value_clip: float | None = _f(0.5, gt=0)
     kl_coef: float = _f(0.0, ge=0)
     kl_estimator: str = _f("k1", choices=("k1", "k2", "k3"))
@@ -153,6 +199,10 @@ class PPOConfig:
                                               "seq_mean_token_sum"))
     epochs: int = _f(1, ge=1)
     mini_batch_size: int = _f(4, ge=1)  # prompts per optimiser step (with their samples)
+    # "prompts": rollout_batch_size / mini_batch_size optimiser steps a step, rewrites spread
+    # over them; "rows": ceil(rows / (mini_batch_size x n)) equal steps, so kept rewrites add
+    # steps (the release: 512 answers + 256 rewrites = 3 steps of 256 rows at ratio 0.5)
+    mini_batch_unit: str = _f("prompts", choices=MINI_BATCH_UNITS)
 
 
 @dataclass
@@ -165,6 +215,7 @@ class LearnerConfig:
     actor_lr: float = _f(1e-3, gt=0)
     critic_lr: float = _f(1e-3, gt=0)
     weight_decay: float = _f(0.0, ge=0)
+    adam_betas: list[float] = _f(list(DEFAULT_ADAM_BETAS))  # AdamW's, policy's and critic's
     warmup_steps: int = _f(0, ge=0)
     max_grad_norm: float = _f(1.0, gt=0)
     micro_batch_size: int = _f(4, ge=1)  # samples per rank per forward/backward
@@ -178,7 +229,7 @@ class LearnerConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = "data/demo/train.jsonl"
+    train_path: str = "data/demo/train.jsonl"  # prompts JSONL or verl parquet (the release's)
     eval_path: str | None = "data/demo/eval.jsonl"
     on_bad_record: str = _f("error", choices=("error", "skip"))
     shuffle: bool = True
@@ -192,9 +243,15 @@ class TrainerConfig:
     chunks_per_engine: int = _f(1, ge=1)
     total_epochs: int = _f(1, ge=1)
     max_steps: int | None = _f(None, ge=1)  # None: run total_epochs over the data
-    save_every: int = _f(0, ge=0)  # 0: only at the end
+    # Checkpoints every save_every steps (0: none by count), every save_every_minutes of
+    # training (0: none by time), and at the end; a learner that dies replays from the newest
+    save_every: int = _f(DEFAULT_SAVE_EVERY, ge=0)
+    save_every_minutes: float = _f(DEFAULT_SAVE_EVERY_MINUTES, ge=0)
     sample_table_every: int = _f(1, ge=1)
     resume: str = "never"  # "never", "auto" (newest whole checkpoint) or a checkpoint path
+    # Restarts of dead engine (rollout, GRM) or learner actors within one run; past it the run
+    # ends with one line naming the actor (0: the first death ends it)
+    max_restarts: int = _f(DEFAULT_MAX_RESTARTS, ge=0)
 
 
 @dataclass
@@ -213,7 +270,8 @@ class EvalConfig:
     output_dir: str = "outputs/eval"  # each command writes <output_dir>/<command>/
     model_path: str | None = None  # None: policy.model_path; a checkpoint dir holding policy/ works
     model_name: str | None = None  # generator name in the outputs; None: from the model path
-    prompts_path: str = "data/demo/eval.jsonl"
+    prompts_path: str = "data/demo/eval.jsonl"  # prompts JSONL or verl parquet (the release's)
+    # alpaca_eval answers, or the release's generate_data_300 (question, persona, response)
     baseline_path: str | None = "data/demo/eval_baseline.jsonl"
     answers_path: str | None = None  # judge these answers (alpaca_eval format), not generated
     limit: int | None = _f(None, ge=1)  # evaluate only the first N prompts / cases / questions
@@ -228,7 +286,7 @@ class EvalConfig:
     max_parse_retries: int = _f(2, ge=0)  # re-ask a sampled judge whose verdict did not parse
     both_orders: bool = True  # judge (model, baseline) and (baseline, model): no position bias
     score_answers: bool = True  # GRM reward of every evaluated answer, for reward-vs-length plots
-    personafeedback_path: str = "data/demo/personafeedback"
+    personafeedback_path: str = "data/demo/personafeedback"  # published layout or release eval/data
     personafeedback_judge: str = _f("grm", choices=("grm", "pairwise"))
     personamem_questions_path: str = "data/demo/personamem/questions.csv"
     personamem_contexts_path: str = "data/demo/personamem/shared_contexts.jsonl"

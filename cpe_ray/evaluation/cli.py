@@ -108,12 +108,13 @@ def add_eval_commands(subparsers: Any) -> None:
     p.add_argument("--baseline", help="baseline answers, JSON list or JSONL (eval.baseline_path)")
     p.add_argument("--answers", help="judge these answers instead of generating "
                                      "(eval.answers_path)")
-    p.add_argument("--prompts", help="eval prompts JSONL (eval.prompts_path)")
+    p.add_argument("--prompts", help="eval prompts: JSONL or verl parquet (eval.prompts_path)")
     p.add_argument("--out", help="output folder (eval.output_dir)")
     _common(p, _cmd_winrate)
 
     p = sub.add_parser("personafeedback", help="a judge's accuracy on PersonaFeedback")
-    p.add_argument("--root", help="PersonaFeedback folder (eval.personafeedback_path)")
+    p.add_argument("--root", help="PersonaFeedback folder, published or the release's "
+                                  "eval/data (eval.personafeedback_path)")
     p.add_argument("--judge", choices=("grm", "pairwise"),
                    help="grm: grm.backend scores each answer; pairwise: eval.judge compares")
     p.add_argument("--out", help="output folder (eval.output_dir)")

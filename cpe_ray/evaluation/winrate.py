@@ -14,10 +14,18 @@ write under `<eval.output_dir>/winrate/`:
   `alpaca_eval --model_outputs model_outputs.json --reference_outputs reference_outputs.json`;
 - `report.md` with `winrate.png`, `preference_vs_length.png`, `reward_vs_length.png`.
 
-Answer files (baseline, or pre-generated answers) are a JSON list or JSONL of objects with
-`output` and either `id` (the eval prompt's id) or `instruction` (as written here in
-`model_outputs.json`), optionally `generator`: a previous run's `model_outputs.json` is a
-valid baseline.
+Answer files (baseline, or pre-generated answers) are a JSON list or JSONL of objects in
+one of two formats:
+
+- alpaca_eval's: `output` and either `id` (the eval prompt's id) or `instruction` (as
+  written here in `model_outputs.json`), optionally `generator`: a previous run's
+  `model_outputs.json` is a valid baseline;
+- the paper release's `eval/generate_data_300/*.jsonl`: `response` with the `question` and
+  the `persona` it answers (a JSON string or object), matched to the eval prompt with the
+  same question and persona (personas compared as JSON when they are JSON, so the
+  release's compact and indented forms agree). A question and persona that occur twice
+  are matched in file order. The same file also loads as the eval prompts
+  (`eval.prompts_path`), so the release's 300 prompts and GPT-4o baseline are one file.
 """
 
 from __future__ import annotations
@@ -70,20 +78,57 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
+ANSWER_FORMATS = ("an object with a string 'output' and 'id' or 'instruction' (alpaca_eval), "
+                  "or with a string 'response', 'question' and 'persona' (the release's "
+                  "generate_data_300)")
+
+
+def _persona_key(persona: Any) -> str:
+    """A persona's text for matching: JSON compared as JSON (key order and layout aside)."""
+    value = persona
+    if isinstance(persona, str):
+        try:
+            value = json.loads(persona)
+        except json.JSONDecodeError:
+            return " ".join(persona.split())
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return " ".join(str(value).split())
+
+
+def _release_key(question: str, persona: Any) -> tuple[str, str]:
+    return " ".join(question.split()), _persona_key(persona)
+
+
 def load_answers(path: str | Path, prompts: Sequence[PromptRecord], what: str
                  ) -> tuple[list[str], str | None]:
-    """One answer per prompt, matched by `id` or `instruction`, and the file's generator."""
+    """One answer per prompt, matched by `id`, `instruction` or (question, persona), and the
+    file's generator (see the module docstring for the two formats)."""
     p = resolve_path(path)
     if not p.is_file():
         raise DataError(f"{what} file not found: {p}; give a JSON list or JSONL of "
                         "{\"id\" or \"instruction\", \"output\"} objects")
     by_id: dict[str, str] = {}
     by_instruction: dict[str, str] = {}
+    by_question: dict[tuple[str, str], list[str]] = {}
     generators = set()
     for where, obj in _read_records(p):
-        if not isinstance(obj, dict) or not isinstance(obj.get("output"), str):
-            raise DataError(f"{where}: expected an object with a string 'output'; see "
-                            "cpe_ray/evaluation/winrate.py for the format")
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected {ANSWER_FORMATS}")
+        if "output" in obj and "response" in obj:
+            raise DataError(f"{where}: has both 'output' (alpaca_eval) and 'response' (the "
+                            "release's generate_data_300); keep one of them")
+        if "response" in obj:
+            question, persona = obj.get("question"), obj.get("persona")
+            if not (isinstance(obj["response"], str) and isinstance(question, str)
+                    and isinstance(persona, str | dict)):
+                raise DataError(f"{where}: a 'response' record needs a string 'response' and "
+                                "'question' and a 'persona' (string or object), as the "
+                                "release's generate_data_300 files have")
+            by_question.setdefault(_release_key(question, persona), []).append(obj["response"])
+            continue
+        if not isinstance(obj.get("output"), str):
+            raise DataError(f"{where}: expected {ANSWER_FORMATS}")
         if "id" in obj:
             by_id[str(obj["id"])] = obj["output"]
         elif isinstance(obj.get("instruction"), str):
@@ -96,9 +141,13 @@ def load_answers(path: str | Path, prompts: Sequence[PromptRecord], what: str
     answers = []
     for r in prompts:
         answer = by_id.get(r.id, by_instruction.get(instruction(r)))
+        queue = by_question.get(_release_key(r.question, r.persona))
+        if answer is None and queue:
+            answer = queue.pop(0)
         if answer is None:
-            raise DataError(f"{p} has no {what} answer for prompt '{r.id}' (matched by 'id' or "
-                            "'instruction'); every evaluated prompt needs one")
+            raise DataError(f"{p} has no {what} answer for prompt '{r.id}' (matched by 'id', "
+                            "'instruction', or 'question' and 'persona'); every evaluated "
+                            "prompt needs one")
         answers.append(answer)
     return answers, (generators.pop() if len(generators) == 1 else None)
 

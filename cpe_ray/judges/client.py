@@ -36,6 +36,10 @@ def check_backend(cfg: Config) -> None:
         from cpe_ray.judges.endpoint import EndpointSpec
 
         EndpointSpec.from_config(g.api, "grm.api").api_key()
+    if GRM_BACKENDS[g.backend].prompted:  # a bad prompt file fails here, not in an actor
+        from cpe_ray.judges.grm import load_grm_templates
+
+        load_grm_templates(g)
     if GRM_BACKENDS[g.backend].needs_model and g.model_path:
         from cpe_ray.models import resolve_model_path
 

@@ -27,9 +27,10 @@ from cpe_ray.errors import ConfigError, CpeError
 from cpe_ray.judges.base import JudgeRequest, check_mode
 from cpe_ray.judges.grm import (
     JudgeOutcome,
+    attempt_temperature,
     build_grm_messages,
     judge_with_retries,
-    load_grm_template,
+    load_grm_templates,
 )
 
 log = logging.getLogger(__name__)
@@ -182,11 +183,13 @@ class EndpointGRMJudge:
 
     A request the endpoint could not serve reads as empty output: it does not parse, is
     regenerated up to grm.max_retries times, and stays unparsed (reported) if it never does.
+    Each mode prompts with its own template (`load_grm_templates`); a greedy call's retries
+    sample at grm.retry_temperature.
     """
 
     def __init__(self, client: EndpointClient, cfg: GRMConfig) -> None:
         self.client, self.cfg = client, cfg
-        self.template = load_grm_template(cfg.template)
+        self.templates = load_grm_templates(cfg)
 
     @classmethod
     def from_config(cls, cfg: GRMConfig) -> EndpointGRMJudge:
@@ -199,17 +202,23 @@ class EndpointGRMJudge:
     def judge(self, requests: Sequence[JudgeRequest], mode: str, seed: int = 0
               ) -> list[JudgeOutcome]:
         check_mode(mode)
-        conversations = [build_grm_messages(self.template, r.persona, r.question, r.answer)
+        template = self.templates[mode]
+        conversations = [build_grm_messages(template, r.persona, r.question, r.answer)
                          for r in requests]
         temperature = (self.cfg.critique_temperature if mode == "critique"
                        else self.cfg.score_temperature)
+        attempt = 0
 
         def generate(indices: list[int]) -> list[str]:
-            replies = self.client.chat_many([conversations[i] for i in indices],
-                                            temperature=temperature,
-                                            max_tokens=self.cfg.max_new_tokens)
+            nonlocal attempt
+            replies = self.client.chat_many(
+                [conversations[i] for i in indices],
+                temperature=attempt_temperature(temperature, attempt, self.cfg.retry_temperature),
+                max_tokens=self.cfg.max_new_tokens)
+            attempt += 1
             return [r.text or "" for r in replies]
 
         return judge_with_retries(generate, len(requests), self.cfg.max_retries,
                                   self.cfg.dimensions, (self.cfg.score_min, self.cfg.score_max),
-                                  require_critique=mode == "critique")
+                                  require_critique=mode == "critique",
+                                  aliases=self.cfg.label_aliases)

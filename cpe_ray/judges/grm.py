@@ -9,16 +9,28 @@ The GRM answers in tagged text (method.md section 2)::
     Naturalness: N
     </scores>
 
+The paper release's GRM writes the same block with its own labels and a unit:
+`Helpfulness: 3分` / `Personalization: 2分` / `Natural: 2分`. Each dimension is found under
+its own name or one of its label aliases (`grm.label_aliases`: `Natural`, the Chinese
+names), so release output parses under the default config; `Judgement.labels` says which
+label matched (`cpe-ray grm-parse` prints it).
+
 `parse_judgement` turns any string into a `Judgement` and never raises: real model output
 has stray whitespace, odd case, full-width colons and digits, markdown bold, units after
 the number ("4分", "4/5"), text around the tags and missing closing tags. A dimension that
 cannot be found is `None` (not 0: the caller decides, through `weighted_reward`'s
 `on_missing`, whether missing counts as 0 as in the paper's release). Out-of-range scores
 are clamped and the clamp is recorded in `Judgement.warnings`.
+
+Prompt templates take persona, question and answer; a template written for other code's
+placeholder names (the release's `{persona_str}`, `{question_str}`, `{solution_str}`) is
+renamed on load through `grm.template_placeholders`. The critique and the score call may
+use different templates (`grm.critique_template`), as the release's do.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import unicodedata
@@ -26,17 +38,27 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cpe_ray.config.choices import DEFAULT_DIMENSIONS, DEFAULT_WEIGHTS, ON_MISSING_CHOICES
+from cpe_ray.config import GRMConfig
+from cpe_ray.config.choices import (
+    DEFAULT_DIMENSIONS,
+    DEFAULT_LABEL_ALIASES,
+    DEFAULT_WEIGHTS,
+    GRM_TEMPLATE_FIELDS,
+    ON_MISSING_CHOICES,
+    RELEASE_TEMPLATE_PLACEHOLDERS,
+)
+from cpe_ray.errors import TemplateError
 from cpe_ray.prompts import PromptTemplate, load_template
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SCORE_RANGE: tuple[float, float] = (-5.0, 5.0)
-# Names the Chinese template's model may write instead of the English labels.
-DEFAULT_ALIASES: Mapping[str, tuple[str, ...]] = {
-    "helpfulness": ("有用性", "帮助性"),
-    "personalization": ("个性化", "个性化程度"),
-    "naturalness": ("自然度", "自然性"),
-}
-GRM_PLACEHOLDERS = frozenset({"persona", "question", "answer"})
+# Other labels a GRM may write for a dimension (the release's `Natural`, the Chinese names).
+DEFAULT_ALIASES: Mapping[str, Sequence[str]] = DEFAULT_LABEL_ALIASES
+GRM_PLACEHOLDERS = frozenset(GRM_TEMPLATE_FIELDS)
+# A backslash and an "n" in a template file: a Python string's escape copied from source
+# code by hand, which the model would see as two characters instead of a line break.
+ESCAPED_NEWLINE = "\\n"
 
 OnMissing = Literal["zero", "renormalize", "none"]
 
@@ -54,6 +76,8 @@ class Judgement:
     raw: str
     parsed: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # the label each found dimension was written under ("Natural", "自然度", ...)
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -83,14 +107,18 @@ def _block(text: str, opening: re.Pattern[str], closing: re.Pattern[str],
 
 
 def _dimension_pattern(names: Sequence[str]) -> re.Pattern[str]:
+    """A dimension's score line: one of its names (a second one may follow, as in
+    "Helpfulness 帮助性: 3"), an optional parenthetical, ':' or '=', then the number."""
     alternatives = []
-    for name in names:
+    # longest first, so that "Naturalness" is not read as "Natural" plus junk
+    for name in sorted(names, key=len, reverse=True):
         words = re.split(r"[\s_\-]+", name.strip())
         alternatives.append(r"[\s_\-]*".join(re.escape(w) for w in words if w))
+    either = "(?:" + "|".join(alternatives) + ")"
     return re.compile(
-        r"(?<![A-Za-z0-9_])(?:" + "|".join(alternatives) + r")"
+        r"(?<![A-Za-z0-9_])(?P<label>" + either + r"(?:[ \t]*" + either + r")?)"
         # a sign may stand one space or tab from its digits ("- 3"), never a line away
-        r"[\s*_`]*(?:\([^)\n]*\))?[\s*_`]*[:=][\s*_`]*([+-]?[ \t]?\d+(?:\.\d+)?)",
+        r"[\s*_`]*(?:\([^)\n]*\))?[\s*_`]*[:=][\s*_`]*(?P<score>[+-]?[ \t]?\d+(?:\.\d+)?)",
         re.IGNORECASE,
     )
 
@@ -128,12 +156,14 @@ def parse_judgement(
 
     low, high = score_range
     scores: dict[str, float | None] = {}
+    labels: dict[str, str] = {}
     for dim in dimensions:
         match = _dimension_pattern([dim, *aliases.get(dim.lower(), ())]).search(region)
         if match is None:
             scores[dim] = None
             continue
-        value = float("".join(match.group(1).split()))
+        labels[dim] = match.group("label")
+        value = float("".join(match.group("score").split()))
         if value < low or value > high:
             clamped = min(max(value, low), high)
             warnings.append(f"{dim} {value:g} out of [{low:g}, {high:g}], clamped to {clamped:g}")
@@ -143,7 +173,7 @@ def parse_judgement(
     if missing:
         warnings.append(f"missing dimension(s): {', '.join(missing)}")
     return Judgement(scores=scores, critique=critique, raw=raw, parsed=not missing,
-                     warnings=tuple(warnings))
+                     warnings=tuple(warnings), labels=labels)
 
 
 def weighted_reward(
@@ -175,9 +205,53 @@ def weighted_reward(
     return float(sum(weights[d] * s * scale for d, s in have.items()))
 
 
-def load_grm_template(name_or_path: str) -> PromptTemplate:
-    """The rubric template, which must take the persona, the question and the answer."""
-    return load_template(name_or_path, allowed=GRM_PLACEHOLDERS, required=GRM_PLACEHOLDERS)
+def load_grm_template(
+    name_or_path: str,
+    placeholders: Mapping[str, str] = RELEASE_TEMPLATE_PLACEHOLDERS,
+) -> PromptTemplate:
+    """The rubric template, which must take the persona, the question and the answer.
+
+    It may name them ours (`{persona}`, `{question}`, `{answer}`) or by the names in
+    `placeholders` (`grm.template_placeholders`, by default the release's `{persona_str}`,
+    `{question_str}`, `{solution_str}`); those are renamed to ours here, so a GRM distilled
+    on the release's prompt is queried with exactly that prompt.
+    """
+    allowed = GRM_PLACEHOLDERS | set(placeholders)
+    template = load_template(name_or_path, allowed=allowed)
+    given = {placeholders.get(name, name) for name in template.placeholders}
+    missing = GRM_PLACEHOLDERS - given
+    if missing:
+        mapped = ", ".join(f"{{{k}}}->{{{v}}}" for k, v in placeholders.items())
+        raise TemplateError(
+            f"template {template.source} lacks required placeholder(s) "
+            f"{', '.join('{' + m + '}' for m in sorted(missing))}; add them to the template "
+            f"(names mapped by grm.template_placeholders: {mapped or 'none'})")
+    if ESCAPED_NEWLINE in template.text:
+        log.warning("%s:%d: holds a backslash-n, which the GRM reads as two characters; if it "
+                    "was copied out of Python source, write real line breaks instead",
+                    template.source, template.line_of(ESCAPED_NEWLINE))
+    return template.renamed(placeholders)
+
+
+def load_grm_templates(cfg: GRMConfig) -> dict[str, PromptTemplate]:
+    """The template of each judge mode: `grm.template` scores, `grm.critique_template`
+    (default: the same) critiques; the release prompts its two calls differently."""
+    score = load_grm_template(cfg.template, cfg.template_placeholders)
+    critique = score if cfg.critique_template is None else load_grm_template(
+        cfg.critique_template, cfg.template_placeholders)
+    return {"critique": critique, "score": score}
+
+
+def attempt_temperature(temperature: float, attempt: int, retry_temperature: float) -> float:
+    """The sampling temperature of a judgement's `attempt`-th generation (0: the first).
+
+    A retry regenerates an output that did not parse; from a greedy call (temperature 0)
+    it would write the same text again, so retries of a greedy call sample at
+    `retry_temperature` (`grm.retry_temperature`); a sampled call keeps its temperature.
+    """
+    if attempt == 0 or temperature > 0:
+        return temperature
+    return retry_temperature
 
 
 def build_grm_messages(template: PromptTemplate, persona: str, question: str,
@@ -207,6 +281,7 @@ def judge_with_retries(
     dimensions: Sequence[str] = DEFAULT_DIMENSIONS,
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     require_critique: bool = False,
+    aliases: Mapping[str, Sequence[str]] = DEFAULT_ALIASES,
 ) -> list[JudgeOutcome]:
     """Judge `count` items, regenerating only the unparsed ones up to `max_retries` times.
 
@@ -214,6 +289,7 @@ def judge_with_retries(
     endpoint). An item counts as done when all dimensions parsed and, if
     `require_critique`, its critique is non-empty. Items still unparsed after the retries
     keep their last judgement (with parsed=False); the reward then follows `on_missing`.
+    `JudgeOutcome.attempts - 1` is the item's retries (the trainer logs their sum).
     """
     if max_retries < 0:
         raise ValueError(f"max_retries={max_retries}; use 0 or more")
@@ -227,7 +303,7 @@ def judge_with_retries(
             raise ValueError(f"generate returned {len(outputs)} outputs for {len(pending)} prompts")
         still = []
         for idx, out in zip(pending, outputs, strict=True):
-            judgement = parse_judgement(out, dimensions, score_range)
+            judgement = parse_judgement(out, dimensions, score_range, aliases)
             results[idx] = JudgeOutcome(judgement, attempt)
             if not judgement.parsed or (require_critique and not judgement.critique):
                 still.append(idx)

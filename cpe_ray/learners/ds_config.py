@@ -11,7 +11,6 @@ from typing import Any
 
 from cpe_ray.config import LearnerConfig
 
-ADAM_BETAS = (0.9, 0.95)  # OpenRLHF's and verl's default for RLHF actors and critics
 ADAM_EPS = 1e-8
 # Keep every ZeRO-3 parameter partitioned: small ones too, so tests exercise the gather path.
 STAGE3_PERSISTENCE_THRESHOLD = 0
@@ -37,7 +36,12 @@ def _zero(cfg: LearnerConfig, stage: int, with_optimizer: bool) -> dict[str, Any
 def train_config(
     cfg: LearnerConfig, lr: float, dtype: str, world_size: int, use_gpu: bool
 ) -> dict[str, Any]:
-    """A trained model: AdamW, gradient clipping, ZeRO stage from config."""
+    """A trained model: AdamW, gradient clipping, ZeRO stage from config.
+
+    AdamW's betas are `learner.adam_betas`: (0.9, 0.95) by default, OpenRLHF's choice; verl,
+    and so the paper's release, keep torch's (0.9, 0.999) (`optim.AdamW` in its
+    `fsdp_workers.py`), which conf/experiment/qwen2.5-7b-cpe-release.yaml sets.
+    """
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "train_batch_size": cfg.micro_batch_size * world_size,
@@ -49,7 +53,7 @@ def train_config(
             "type": "AdamW",
             "params": {
                 "lr": lr,
-                "betas": list(ADAM_BETAS),
+                "betas": list(cfg.adam_betas),
                 "eps": ADAM_EPS,
                 "weight_decay": cfg.weight_decay,
                 # DeepSpeed's fused CPU/GPU Adam needs a C++/CUDA build; torch's is exact.

@@ -164,6 +164,22 @@ def load_engine_state(engine: Any, path: str, tag: str) -> None:
         raise FileNotFoundError(f"no {tag} state under {path}")
 
 
+def scale_by_row_temperature(logits: torch.Tensor, exp: Experience) -> torch.Tensor:
+    """[B, T, V] logits / each row's temperature; greedy rows (T = 0) keep the raw logits, whose
+    log-probs the engines report for them. Python-float divisors, as a single temperature
+    always was: a bf16 tensor of temperatures would round 0.9 to 0.898."""
+    if exp.temperature is None:
+        raise ValueError("the experience carries no sampling temperatures; build it with "
+                         "Experience.from_tokens(..., temperature=...) so each row is scored at "
+                         "the temperature it was sampled with")
+    temps = [t if t > 0 else 1.0 for t in exp.temperature.tolist()]
+    if len(temps) != logits.shape[0]:
+        raise ValueError(f"{len(temps)} temperatures for {logits.shape[0]} rows of logits")
+    if all(t == temps[0] for t in temps):
+        return logits if temps[0] == 1.0 else logits / temps[0]
+    return torch.stack([row / t for row, t in zip(logits, temps, strict=True)])
+
+
 class PPOLearnerCore:
     """One rank. `torch.distributed` must already be initialised (the actor does it)."""
 
@@ -179,7 +195,6 @@ class PPOLearnerCore:
         trust = cfg.policy.trust_remote_code
         self.tokenizer = load_tokenizer(self.model_path, trust)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.zero3 = cfg.learner.zero_stage == 3
         policy = load_causal_lm(self.model_path, cfg.policy.dtype, "cpu", trust)
         if cfg.learner.gradient_checkpointing:
@@ -222,7 +237,8 @@ class PPOLearnerCore:
     # --- forward passes -----------------------------------------------------------------
     def _filler(self) -> Experience:
         """A one-row batch with no response tokens: keeps collective counts equal on ranks."""
-        return Experience.from_tokens([[self.pad_id]], [[self.pad_id]], self.pad_id).with_fields(
+        return Experience.from_tokens([[self.pad_id]], [[self.pad_id]], self.pad_id,
+                                      temperature=1.0).with_fields(
             response_mask=torch.zeros(1, 1)
         )
 
@@ -247,8 +263,11 @@ class PPOLearnerCore:
         )
 
     def _policy_logits(self, model, exp: Experience) -> torch.Tensor:
-        logits = self._hidden_slice(exp, self._run(model, exp).logits)
-        return logits / self.temperature if self.temperature != 1.0 else logits
+        """Next-token logits over the responses, each row divided by its own sampling
+        temperature: a rewrite sampled at post_edit.temperature is scored at that temperature
+        (its old log-probs and its training forward), an answer at rollout.temperature."""
+        return scale_by_row_temperature(self._hidden_slice(exp, self._run(model, exp).logits),
+                                        exp)
 
     def _values(self, exp: Experience) -> torch.Tensor:
         return self._hidden_slice(exp, self._run(self.critic, exp).logits[..., 0]).float()

@@ -26,6 +26,9 @@ GROUP_STD_EPS = 1e-6  # verl's GRPO epsilon
 EDIT_RATIO_EPS = 1e-6  # the release's pi_theta / (pi_e + 1e-6) (method.md 3.7)
 # exp() of a log-ratio beyond this overflows float32 products; verl clamps the same way.
 LOG_RATIO_CLAMP = 20.0
+# k3 grows like |log-ratio| for a policy far from the reference (12.9 at log-ratio 13.9): one
+# such token would dominate a KL penalty. verl's low_var_kl and OpenRLHF clamp it to +-10.
+KL_CLAMP = 10.0
 AGG_MODES: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
 
@@ -199,7 +202,11 @@ def token_level_rewards(
 def kl_estimate(
     logprobs: Tensor, ref_logprobs: Tensor, kind: str, mask: Tensor | None = None
 ) -> Tensor:
-    """Per-token estimate of KL(pi || ref) (Schulman's k1 / k2 / k3); padding 0 if masked."""
+    """Per-token estimate of KL(pi || ref) (Schulman's k1 / k2 / k3); padding 0 if masked.
+
+    k3 (non-negative, low variance) is clamped at KL_CLAMP as the peers do; k1 and k2 are not
+    (verl and OpenRLHF leave them unclamped too).
+    """
     _check_shapes(logprobs=logprobs, ref_logprobs=ref_logprobs)
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL estimator {kind!r}; use one of {KL_KINDS}")
@@ -212,7 +219,7 @@ def kl_estimate(
     elif kind == "k2":
         kl = 0.5 * log_ratio**2
     else:
-        kl = torch.exp(-log_ratio) - 1 + log_ratio
+        kl = torch.clamp(torch.exp(-log_ratio) - 1 + log_ratio, -KL_CLAMP, KL_CLAMP)
     return kl if mask is None else _zero_pad(kl, mask)
 
 
@@ -332,8 +339,8 @@ def cpe_policy_loss(
     is_edited: Tensor,
     clip_low: float,
     clip_high: float,
-    edit_clip_low: float,
-    edit_clip_high: float,
+    edit_clip_low: float | None,
+    edit_clip_high: float | None,
     dual_clip: float | None = None,
     agg: str = "token_mean",
     edit_eps: float = EDIT_RATIO_EPS,
@@ -344,9 +351,16 @@ def cpe_policy_loss(
 
     Rewrite tokens: ratio = exp(logp) / (exp(edit_logp) + edit_eps), clipped to
     [1 - edit_clip_low, 1 + edit_clip_high], loss = -clip(ratio) * A (no PPO min, no dual
-    clip). edit_logprobs are the behaviour policy's log-probs of the rewrite under the edit
-    prompt; rows that are not rewrites are ignored (may hold anything, or pass None when
-    edit_loss=False, which trains rewrites with plain PPO against old_logprobs instead).
+    clip). A bound given as None is not applied: both None is the release's main CPE run
+    (`off_policy_max_clip = off_policy_min_clip = -1`, method.md 3.7).
+
+    edit_logprobs are the behaviour policy's log-probs of the rewrite under the edit prompt,
+    as the engine sampled it: at the rewrite's temperature and, with top_p < 1, renormalised
+    over the nucleus (the density the tokens were really drawn from, and what the release's
+    vLLM reported). logprobs are the learner's at the same temperature over the whole
+    vocabulary, as verl and OpenRLHF train every row. Rows that are not rewrites are ignored
+    (may hold anything, or pass None when edit_loss=False, which trains rewrites with plain
+    PPO against old_logprobs instead).
     """
     _check_agg(agg)
     if is_edited.dim() != 1 or is_edited.shape[0] != mask.shape[0]:
@@ -363,16 +377,24 @@ def cpe_policy_loss(
         if edit_logprobs is None:
             raise ValueError("edit_logprobs is None but edit_loss=True; pass them or disable")
         _check_shapes(edit_logprobs=edit_logprobs, mask=mask)
-        _check_clip("edit_clip_low", edit_clip_low, upper=1.0)
-        _check_clip("edit_clip_high", edit_clip_high)
+        if edit_clip_low is not None:
+            _check_clip("edit_clip_low", edit_clip_low, upper=1.0)
+        if edit_clip_high is not None:
+            _check_clip("edit_clip_high", edit_clip_high)
         _check_clip("edit_eps", edit_eps)
         # Read only rewrite tokens, so garbage on other rows cannot reach values or grads.
         logp = _zero_pad(_at_least_f32(logprobs), edited)
         logp_e = _zero_pad(_at_least_f32(edit_logprobs), edited)
         ratio = torch.exp(logp) / (torch.exp(logp_e) + edit_eps)
-        low, high = 1 - edit_clip_low, 1 + edit_clip_high
-        edit_mat = -_zero_pad(_at_least_f32(advantages), edited) * torch.clamp(ratio, low, high)
-        edit_clipped = (ratio < low) | (ratio > high)
+        low = None if edit_clip_low is None else 1 - edit_clip_low
+        high = None if edit_clip_high is None else 1 + edit_clip_high
+        bounded = ratio if low is None and high is None else torch.clamp(ratio, low, high)
+        edit_mat = -_zero_pad(_at_least_f32(advantages), edited) * bounded
+        edit_clipped = torch.zeros_like(edited)
+        if low is not None:
+            edit_clipped = edit_clipped | (ratio < low)
+        if high is not None:
+            edit_clipped = edit_clipped | (ratio > high)
         loss_mat = _zero_pad(torch.where(edited, edit_mat, ppo_mat), mask)
     orig = on & ~edited
     clipped = torch.where(edited, edit_clipped, ppo_clipped) & on

@@ -3,8 +3,11 @@
 Each row is one sample: a prompt left-padded to `prompt_width` followed by its response
 right-padded to the response width, so that response token t of every row sits in the same
 column. Rewrites (method.md 3.4) are rows like any other, on their *original* prompt, with
-`is_edited` set and `edit_logprobs` holding log pi_e from the edit prompt. Fields the
-learner fills later (old log-probs, values, advantages...) start as None.
+`is_edited` set and `edit_logprobs` holding log pi_e from the edit prompt. Each row carries
+the temperature it was sampled at (`rollout.temperature` for answers,
+`post_edit.temperature` for rewrites): the learner scores every row at its own, so the
+ratios compare like with like. Fields the learner fills later (old log-probs, values,
+advantages...) start as None.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ ROW_FIELDS = (
     "attention_mask",
     "response_mask",
     "is_edited",
+    "temperature",
     "edit_logprobs",
     "old_logprobs",
     "ref_logprobs",
@@ -36,6 +40,9 @@ class Experience:
     response_mask: Tensor  # [B, R] float, 1 on response tokens
     prompt_width: int  # P
     is_edited: Tensor  # [B] bool
+    # [B] float: the sampling temperature of each row (0: greedy); None: not given, and the
+    # learner refuses to score the rows rather than guess
+    temperature: Tensor | None = None
     edit_logprobs: Tensor | None = None  # [B, R]; log pi_e on rewrite rows, 0 elsewhere
     old_logprobs: Tensor | None = None  # [B, R]
     ref_logprobs: Tensor | None = None  # [B, R]
@@ -68,7 +75,9 @@ class Experience:
         pad_id: int,
         is_edited: Sequence[bool] | None = None,
         edit_logprobs: Sequence[Sequence[float]] | None = None,
+        temperature: float | Sequence[float] | None = None,
     ) -> Experience:
+        """Rows from token ids; `temperature` is one for all rows or one per row."""
         if len(prompts) != len(responses) or not prompts:
             raise ValueError("need as many prompts as responses, at least one")
         width_p = max(len(p) for p in prompts)
@@ -86,7 +95,15 @@ class Experience:
             if edit_logprobs is not None and edit_logprobs[i]:
                 edit_lp[i, : len(r)] = torch.tensor(list(edit_logprobs[i]), dtype=torch.float32)
         flags = torch.tensor(list(is_edited) if is_edited is not None else [False] * batch)
-        return cls(seq, attn, resp_mask, width_p, flags.bool(), edit_lp)
+        temps = None
+        if temperature is not None:
+            per_row = [temperature] * batch if isinstance(temperature, int | float) else list(
+                temperature)
+            if len(per_row) != batch:
+                raise ValueError(f"{len(per_row)} temperatures for {batch} rows")
+            # float64: the learner divides by exactly the config's value (0.9, not 0.8999999762)
+            temps = torch.tensor(per_row, dtype=torch.float64)
+        return cls(seq, attn, resp_mask, width_p, flags.bool(), temps, edit_lp)
 
     def select(self, index: Tensor | Sequence[int]) -> Experience:
         idx = torch.as_tensor(index, dtype=torch.long)

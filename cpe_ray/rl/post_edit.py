@@ -4,20 +4,27 @@ method.md section 3: the policy rewrites each answer from a user turn holding th
 question, its answer and the GRM's critique; a selection strategy then decides which
 rewrites join the PPO batch (all originals always stay).
 
-Counting rules (the paper states ratios, not rounding): batch-level strategies keep
-floor(ratio x N) of the N rewrites; `reward` keeps ceil(ratio x n_q) per question, as
-method.md states. Every strategy is deterministic for a seed; ranking strategies break
-ties by a seeded random order rather than by position, so no prompt is favoured for
-coming first in the batch.
+Counting rules, the paper release's (method.md 4): every strategy keeps at most
+K = floor(ratio x N) of the N rewrites, rounded down to a multiple of `multiple`
+(`post_edit.kept_multiple`). `random` draws K uniformly; `batch_reward` takes the top K by
+reward. The question-level strategies first take the top ceil(ratio x n_q) of each
+question's n_q rewrites (by reward for `reward`, by reward gain over the original for
+`improvement`), then cap those candidates at K: `improvement` keeps the K largest gains,
+`reward` draws K of them uniformly, as the release does. Every strategy is deterministic for
+a seed; ranking strategies break ties by a seeded random order rather than by position, so
+no prompt is favoured for coming first in the batch.
+
+An edit prompt longer than `rollout.max_prompt_length` loses the end of the answer and of
+the critique (`fit_edit_prompt`), never the system turn (the persona) or the question.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -30,6 +37,11 @@ EDIT_REQUIRED = frozenset({"question", "answer", "critique"})
 # ratio x n in floating point can land a hair off an integer (0.29 x 100 = 28.999...96);
 # counts are taken with this slack so the intended integer is kept.
 _COUNT_SLACK = 1e-9
+# Ends a shortened answer or critique in the edit prompt, so the policy sees that it was cut.
+TRUNCATION_MARK = " [...]"
+# Re-tokenising cut text can move a token boundary, and the mark costs tokens: a shortened
+# prompt is re-measured and the cut deepened by the overshoot, at most this many times.
+MAX_FIT_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -128,30 +140,99 @@ def select_rewrites(
     rewrites: Sequence[RewriteInfo],
     ratio: float,
     seed: int,
+    multiple: int = 1,
 ) -> list[int]:
-    """Indices (ascending) of the rewrites to keep under `strategy` at `ratio`."""
+    """Indices (ascending) of the rewrites to keep under `strategy` at `ratio`.
+
+    At most floor(ratio x N) rounded down to a multiple of `multiple` are kept (the module
+    docstring has each strategy's rule)."""
     _check_strategy(strategy)
     if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
         raise ValueError(f"selection ratio {ratio} is outside [0, 1]")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
     n = len(rewrites)
     if n == 0:
         return []
     rng = np.random.default_rng(seed)
+    total = _floor_count(ratio, n) // multiple * multiple
     if strategy == "random":
-        k = _floor_count(ratio, n)
-        return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+        return sorted(int(i) for i in rng.choice(n, size=total, replace=False))
 
     scores = _rewards(rewrites, strategy)
     tiebreak = rng.permutation(n)
-    if strategy in ("batch_reward", "improvement"):
-        return sorted(int(i) for i in _top_k(scores, _floor_count(ratio, n), tiebreak))
+    if strategy == "batch_reward":
+        return sorted(int(i) for i in _top_k(scores, total, tiebreak))
 
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rewrites):
         groups[r.question_id].append(i)
-    kept: list[int] = []
+    candidates: list[int] = []
     for members in groups.values():
         idx = np.asarray(members)
         k = _ceil_count(ratio, len(members))
-        kept.extend(int(i) for i in idx[_top_k(scores[idx], k, tiebreak[idx])])
-    return sorted(kept)
+        candidates.extend(int(i) for i in idx[_top_k(scores[idx], k, tiebreak[idx])])
+    if len(candidates) > total:
+        pool = np.asarray(candidates)
+        if strategy == "improvement":  # the largest gains over the whole batch
+            candidates = [int(i) for i in pool[_top_k(scores[pool], total, tiebreak[pool])]]
+        else:  # `reward`: the release draws the survivors uniformly
+            candidates = [int(i) for i in rng.choice(pool, size=total, replace=False)]
+    return sorted(candidates)
+
+
+@dataclass(frozen=True)
+class EditPrompt:
+    """The edit prompt's token ids, and what had to go for it to fit the prompt limit."""
+
+    token_ids: list[int]
+    shortened: bool  # the end of the answer and/or the critique was cut
+    cut_left: bool  # still too long without them: its start (the system turn) was cut
+
+
+def _caps(answer_len: int, critique_len: int, budget: int) -> tuple[int, int]:
+    """Longest lengths (at most the given ones) that sum to at most `budget`: the longer text
+    is cut first, down to the shorter one's length, then both equally."""
+    if answer_len + critique_len <= budget:
+        return answer_len, critique_len
+    shorter = min(answer_len, critique_len)
+    if 2 * shorter <= budget:
+        rest = budget - shorter
+        return (rest, shorter) if answer_len >= critique_len else (shorter, rest)
+    return budget - budget // 2, budget // 2
+
+
+def fit_edit_prompt(
+    encode_prompt: Callable[[str, str], list[int]],
+    tokenizer: Any,
+    answer: str,
+    critique: str,
+    limit: int,
+) -> EditPrompt:
+    """The edit prompt within `limit` tokens, shortened where it can lose least.
+
+    `encode_prompt(answer, critique)` gives the whole prompt's token ids (system turn, the
+    template with the question, chat markup). Over the limit, the ends of the answer and the
+    critique are cut (the longer first, each marked with TRUNCATION_MARK): the persona and the
+    question always stay whole, so the rewrite and its log pi_e are conditioned on the user.
+    Only when the prompt is too long even without them is its start cut, as a last resort.
+    """
+    ids = encode_prompt(answer, critique)
+    if len(ids) <= limit:
+        return EditPrompt(ids, shortened=False, cut_left=False)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    critique_ids = tokenizer.encode(critique, add_special_tokens=False)
+
+    def cut(text: str, tokens: list[int], keep: int) -> str:
+        return text if keep >= len(tokens) else tokenizer.decode(tokens[:keep]) + TRUNCATION_MARK
+
+    budget = len(answer_ids) + len(critique_ids) - (len(ids) - limit)
+    for _ in range(MAX_FIT_ROUNDS):
+        keep_a, keep_c = _caps(len(answer_ids), len(critique_ids), max(budget, 0))
+        ids = encode_prompt(cut(answer, answer_ids, keep_a), cut(critique, critique_ids, keep_c))
+        if len(ids) <= limit:
+            return EditPrompt(ids, shortened=True, cut_left=False)
+        if budget <= 0:
+            break
+        budget -= len(ids) - limit
+    return EditPrompt(ids[-limit:], shortened=True, cut_left=True)

@@ -19,14 +19,15 @@ at ratio 0.5. Plain PPO (post_edit.enabled=false) is the same loop without 3.2-3
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cpe_ray.config import Config
+from cpe_ray.config import Config, PPOConfig
 from cpe_ray.data import PromptRecord, batch_order
 from cpe_ray.engines.base import Completion
 from cpe_ray.judges.base import JudgeRequest
@@ -58,6 +59,19 @@ class Answer:
 
 
 @dataclass
+class PromptFits:
+    """How many of a step's prompts were over rollout.max_prompt_length, by what was cut
+    (summed from the rollout engines' `GenerationBatch`es)."""
+
+    edit_shortened: int = 0  # edit prompts whose answer / critique lost their end
+    cut_left: int = 0  # prompts still too long, cut from the start (the persona is lost)
+
+    def add(self, part) -> None:
+        self.edit_shortened += part.shortened
+        self.cut_left += part.cut_left
+
+
+@dataclass
 class Samples:
     """One step's generated and judged samples, indexed by answer (prompt-major)."""
 
@@ -67,6 +81,7 @@ class Samples:
     rewrites: dict[int, Answer]  # by answer index
     kept: list[int]  # answer indices whose rewrite joins the batch, ascending
     seconds: dict[str, float]
+    prompt_fits: PromptFits = field(default_factory=PromptFits)
 
 
 class Trainer:
@@ -96,6 +111,7 @@ class Trainer:
         rewrites: dict[int, Answer] = {}
         chunks = self._chunks(len(batch))
         unanswered = [len(chunks)]
+        fits = PromptFits()
 
         def requests(items: list[int], source: dict[int, Answer] | list) -> list[JudgeRequest]:
             return [JudgeRequest(batch[k // n].persona, batch[k // n].question,
@@ -109,6 +125,7 @@ class Trainer:
                                         derive_seed(seed, key, chunk)), phase, done)
 
         def answered(chunk: int, engine: int, rows: list[int], part) -> None:  # 3.1 done
+            fits.add(part)
             items = []
             for r, ids in zip(rows, part.prompt_ids, strict=True):
                 prompt_ids[r] = ids
@@ -138,6 +155,7 @@ class Trainer:
                       lambda part: rewritten(chunk, items, part))
 
         def rewritten(chunk: int, items: list[int], part) -> None:
+            fits.add(part)
             for k, c in zip(items, part.completions, strict=True):
                 rewrites[k] = Answer(k // n, c)
             score(items, rewrites, "score_rewrites", SCORE_REWRITE, chunk)  # 3.6
@@ -150,7 +168,7 @@ class Trainer:
         pipe.run()
         kept = sorted(rewrites) if not needs_rewards(strategy) else self._select(
             batch, rewrites, sorted(rewrites), seed, answers)
-        return Samples(prompt_ids, answers, critiques, rewrites, kept, pipe.spans())
+        return Samples(prompt_ids, answers, critiques, rewrites, kept, pipe.spans(), fits)
 
     def _chunks(self, num_prompts: int) -> list[tuple[int, list[int]]]:
         """(engine, prompt rows) per chunk; chunk j goes to engine j mod the engine count."""
@@ -167,8 +185,9 @@ class Trainer:
                              rewrites[k].reward if k in rewrites else None,
                              answers[k].reward if answers is not None else None)
                  for k in items]
-        chosen = select_rewrites(self.cfg.post_edit.strategy, infos, self.cfg.post_edit.ratio,
-                                 derive_seed(seed, SELECT))
+        pe = self.cfg.post_edit
+        chosen = select_rewrites(pe.strategy, infos, pe.ratio, derive_seed(seed, SELECT),
+                                 pe.kept_multiple)
         return [items[i] for i in chosen]
 
     def _reward(self, outcome: JudgeOutcome) -> float:
@@ -202,8 +221,7 @@ class Trainer:
         groups = torch.tensor([a.prompt for a in s.answers + kept])
         exp = self.advantages(exp, fields, scores, groups)
         t = time.perf_counter()
-        num_mini = cfg.trainer.rollout_batch_size // cfg.ppo.mini_batch_size
-        train_metrics = self.rt.learner.train(exp, num_mini, seed)
+        train_metrics = self.rt.learner.train(exp, num_mini_batches(cfg, len(exp)), seed)
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
         sync = self.rt.learner.sync_weights()
@@ -216,6 +234,7 @@ class Trainer:
             metrics["policy/ref_kl"] = float(alg.masked_mean(kl, exp.response_mask))
         metrics["rollout/logprob_diff"] = logprob_diff(s.answers, fields["old_logprobs"])
         metrics.update(self._reward_metrics(s))
+        metrics.update(self._prompt_fit_metrics(s))
         metrics.update({f"time/{k}": v for k, v in seconds.items()})
         metrics.update({"sync/seconds": sync.seconds, "sync/bytes": float(sync.bytes)})
         self._last_samples = self._samples(step, batch, s)
@@ -223,12 +242,16 @@ class Trainer:
 
     def _experience(self, prompt_ids: list[list[int]], answers: list[Answer],
                     rewrites: list[Answer]) -> Experience:
-        """Originals, then rewrites on their ORIGINAL prompts with log pi_e (3.4)."""
+        """Originals, then rewrites on their ORIGINAL prompts with log pi_e (3.4); each row
+        with the temperature it was sampled at, which the learner scores it at."""
         rows = answers + rewrites
+        temps = ([self.cfg.rollout.temperature] * len(answers)
+                 + [self.cfg.post_edit.temperature] * len(rewrites))
         return Experience.from_tokens(
             [prompt_ids[a.prompt] for a in rows], [a.completion.token_ids for a in rows],
             self.pad_id, is_edited=[False] * len(answers) + [True] * len(rewrites),
             edit_logprobs=[[]] * len(answers) + [a.completion.logprobs for a in rewrites],
+            temperature=temps,
         )
 
     def _with_rewrites(self, exp: Experience, originals: dict[str, torch.Tensor],
@@ -239,7 +262,7 @@ class Trainer:
         if not kept:
             return originals
         timeout = self.cfg.learner.dist_timeout_s
-        pending = self._submit_forward(self._experience(prompt_ids, kept, []))
+        pending = self._submit_forward(self._experience(prompt_ids, [], kept))
         width = exp.response_width
         return {name: torch.cat([pad_response(originals[name], width),
                                  pad_response(p.wait(timeout), width)])
@@ -259,29 +282,7 @@ class Trainer:
     def advantages(self, exp: Experience, forward: dict[str, torch.Tensor],
                    scores: torch.Tensor, groups: torch.Tensor) -> Experience:
         """3.7's targets from the learner's forward (`_submit_forward`'s fields) and rewards."""
-        ppo = self.cfg.ppo
-        mask = exp.response_mask
-        fields = dict(forward)
-        kl = None
-        if "ref_logprobs" in fields:
-            kl = alg.kl_estimate(fields["old_logprobs"], fields["ref_logprobs"],
-                                 ppo.kl_estimator, mask)
-        kl_coef = ppo.kl_coef if ppo.kl_in_reward else 0.0
-        if ppo.advantage_estimator == "gae":
-            rewards = alg.token_level_rewards(scores, mask, kl, kl_coef)
-            adv, returns = alg.gae(rewards, fields["old_values"], mask, ppo.gamma, ppo.lam)
-            fields["returns"] = returns
-        else:
-            fn = alg.grpo_advantages if ppo.advantage_estimator == "grpo" else (
-                alg.rloo_advantages)
-            adv = alg.expand_to_tokens(fn(scores, groups), mask)
-            if kl is not None and kl_coef > 0:
-                adv = adv - kl_coef * kl * mask
-            fields["returns"] = adv
-        if ppo.whiten_advantages:
-            adv = alg.masked_whiten(adv, mask)
-        fields["advantages"] = adv * mask
-        return exp.with_fields(**fields)
+        return compute_advantages(self.cfg.ppo, exp, forward, scores, groups)
 
     def _reward_metrics(self, s: Samples) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -302,6 +303,15 @@ class Trainer:
         judged = [a.judgement for a in s.answers + list(s.rewrites.values())]
         judged += list(s.critiques.values())
         out["grm/parse_failures"] = float(sum(not o.judgement.parsed for o in judged))
+        out["grm/retries"] = float(sum(o.attempts - 1 for o in judged))  # regenerations
+        return out
+
+    def _prompt_fit_metrics(self, s: Samples) -> dict[str, float]:
+        """Prompts over rollout.max_prompt_length: edit prompts that lost the end of their
+        answer / critique, and prompts cut from the start (the persona went with it)."""
+        out = {"rollout/prompts_cut_left": float(s.prompt_fits.cut_left)}
+        if self.cfg.post_edit.enabled:
+            out["post_edit/truncated_prompts"] = float(s.prompt_fits.edit_shortened)
         return out
 
     def _samples(self, step: int, batch, s: Samples) -> list[dict]:
@@ -336,19 +346,71 @@ class Trainer:
         order = batch_order(len(self.records), self.cfg.run.seed, epoch, self.cfg.data.shuffle)
         return [self.records[i] for i in order[index * size : (index + 1) * size]]
 
-    def fit_one(self, step: int) -> dict[str, float]:
-        """Run and log one step."""
+    def fit_one(self, step: int, extra: Callable[[], dict[str, float]] | None = None
+                ) -> dict[str, float]:
+        """Run and log one step (with `extra()`'s metrics: the run's fault counters)."""
         metrics = self.step(step, self.batch_for(step))
+        if extra is not None:
+            metrics.update(extra())
         self.tracker.log(step, metrics)
         self.tracker.log_samples(step, self._last_samples)
         return metrics
+
+
+def num_mini_batches(cfg: Config, num_rows: int) -> int:
+    """Optimiser steps (equal mini-batches) for a step's batch of `num_rows` rows.
+
+    ppo.mini_batch_unit=prompts: rollout_batch_size / mini_batch_size, rewrites or not.
+    rows: mini_batch_size x n rows a step, verl's accounting and the release's, so kept
+    rewrites add steps: 512 answers + 256 rewrites at 64 x 4 rows a step make 3. verl cuts
+    the last step short (512 + 48 rows: 256, 256, 48); equal steps (187, 187, 186) are as many
+    and weigh every row alike.
+    """
+    ppo = cfg.ppo
+    if ppo.mini_batch_unit == "prompts":
+        return cfg.trainer.rollout_batch_size // ppo.mini_batch_size
+    return math.ceil(num_rows / (ppo.mini_batch_size * cfg.rollout.n_samples_per_prompt))
+
+
+def compute_advantages(ppo: PPOConfig, exp: Experience, forward: dict[str, torch.Tensor],
+                       scores: torch.Tensor, groups: torch.Tensor) -> Experience:
+    """3.7's targets: advantages and returns from the learner's forward and the rewards.
+
+    `ppo.whiten_advantages` whitens GAE's advantages over the batch's tokens. GRPO / RLOO
+    advantages are left as their group made them: whitening them over tokens weights each
+    answer by its length, so with lengths [40, 2, 3, 4] and rewards [2, 0.6, 0, -0.4] the
+    0.6 answer (above its group's mean) would get -1.25 instead of +0.05.
+    """
+    mask = exp.response_mask
+    fields = dict(forward)
+    kl = None
+    if "ref_logprobs" in fields:
+        kl = alg.kl_estimate(fields["old_logprobs"], fields["ref_logprobs"], ppo.kl_estimator,
+                             mask)
+    kl_coef = ppo.kl_coef if ppo.kl_in_reward else 0.0
+    if ppo.advantage_estimator == "gae":
+        rewards = alg.token_level_rewards(scores, mask, kl, kl_coef)
+        adv, returns = alg.gae(rewards, fields["old_values"], mask, ppo.gamma, ppo.lam)
+        fields["returns"] = returns
+        if ppo.whiten_advantages:
+            adv = alg.masked_whiten(adv, mask)
+    else:
+        fn = alg.grpo_advantages if ppo.advantage_estimator == "grpo" else alg.rloo_advantages
+        adv = alg.expand_to_tokens(fn(scores, groups), mask)
+        if kl is not None and kl_coef > 0:
+            adv = adv - kl_coef * kl * mask
+        fields["returns"] = adv
+    fields["advantages"] = adv * mask
+    return exp.with_fields(**fields)
 
 
 def logprob_diff(answers: list[Answer], old_logprobs: torch.Tensor) -> float:
     """Mean |engine log-prob - learner log-prob| over the originals' tokens (the first rows of
     `old_logprobs`, response-aligned). Both score the same tokens with the weights the
     engines were synced to, so this sits at the numerical noise of the two implementations
-    (about 1e-6 for the HF engine, 1e-4 for vLLM on a CPU); a jump means a sync went wrong."""
+    (about 1e-6 for the HF engine, 1e-4 for vLLM on a CPU); a jump means a sync went wrong.
+    With rollout.top_p < 1 it also holds the nucleus's renormalisation, which the engine's
+    log-probs include and the learner's do not (at most -log top_p a token: 0.105 at 0.9)."""
     total, count = 0.0, 0
     for row, a in enumerate(answers):
         engine = torch.tensor(a.completion.logprobs, dtype=torch.float32)

@@ -9,6 +9,7 @@ which actor did what, instead of a hang or a traceback from deep inside Ray.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,13 @@ GRACE_S = 1.0
 
 
 class RemoteError(CpeError):
-    """An actor failed, died or did not answer in time; the message names it."""
+    """An actor failed, died or did not answer in time; the message names it. `actor` is the
+    label of the actor at fault (None for a stall of several) and `died` says whether its
+    process is gone (what fault recovery restarts) rather than its call raising."""
+
+    def __init__(self, message: str, actor: str | None = None, died: bool = False) -> None:
+        super().__init__(message)
+        self.actor, self.died = actor, died
 
 
 def actor_env(cfg: Config, threads: int) -> dict[str, str]:
@@ -46,42 +53,64 @@ def threads_per_actor(cfg: Config) -> int:
     return max(1, int(cfg.cluster.cpus_per_bundle))
 
 
+def _outcome(fut: ray.ObjectRef, label: str, what: str
+             ) -> tuple[Any, tuple[bool, str, str, BaseException] | None]:
+    """(result, None) or (None, (died, label, message, exception)) of a finished future."""
+    try:
+        return ray.get(fut), None
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        detail = " ".join(str(cause).split())[:400] or type(cause).__name__
+        return None, (False, label, f"{what}: {label} failed: {detail}", exc)
+    except ray.exceptions.RayActorError as exc:
+        return None, (True, label, f"{what}: {label} died ({type(exc).__name__})", exc)
+    except ray.exceptions.RayError as exc:  # e.g. RuntimeEnvSetupError: never started
+        detail = " ".join(str(exc).split())[:400]
+        return None, (True, label, f"{what}: {label} could not run: {detail}", exc)
+
+
 def wait_all(
     futures: Sequence[ray.ObjectRef], labels: Sequence[str], timeout_s: float, what: str
 ) -> list[Any]:
-    """`ray.get` of all futures within `timeout_s`, or one RemoteError naming the culprit."""
+    """`ray.get` of all futures within `timeout_s`, or one RemoteError naming the culprit.
+
+    The first failure ends the wait (after `GRACE_S` for its peers to report): a collective
+    whose peer died would otherwise block the others until their own timeout."""
     if len(futures) != len(labels):
         raise ValueError("one label per future")
-    ready, pending = ray.wait(list(futures), num_returns=len(futures), timeout=timeout_s)
-    done = set(ready)
-    if pending:  # give peers that failed because of the laggard a moment to report it
+    label_of = dict(zip(futures, labels, strict=True))
+    results: dict[ray.ObjectRef, Any] = {}
+    failures: list[tuple[bool, str, str, BaseException]] = []
+    pending = list(futures)
+    deadline = time.monotonic() + timeout_s
+    while pending and not failures:
+        left = deadline - time.monotonic()
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
+        if not ready:
+            break
+        for fut in ready:
+            value, failure = _outcome(fut, label_of[fut], what)
+            if failure is None:
+                results[fut] = value
+            else:
+                failures.append(failure)
+    if pending:  # give peers that failed because of the culprit a moment to report it
         more, pending = ray.wait(pending, num_returns=len(pending), timeout=GRACE_S)
-        done.update(more)
-    results: list[Any] = []
-    failures: list[tuple[bool, str, BaseException]] = []  # (died, message, exception)
-    for fut, label in zip(futures, labels, strict=True):
-        if fut not in done:
-            continue
-        try:
-            results.append(ray.get(fut))
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            detail = " ".join(str(cause).split())[:400]
-            failures.append((False, f"{what}: {label} failed: {detail}", exc))
-        except ray.exceptions.RayActorError as exc:
-            failures.append((True, f"{what}: {label} died ({type(exc).__name__})", exc))
-        except ray.exceptions.RayError as exc:  # e.g. RuntimeEnvSetupError: never started
-            detail = " ".join(str(exc).split())[:400]
-            failures.append((True, f"{what}: {label} could not run: {detail}", exc))
+        for fut in more:
+            value, failure = _outcome(fut, label_of[fut], what)
+            if failure is None:
+                results[fut] = value
+            else:
+                failures.append(failure)
     if failures:
         # A dead actor is the root cause of its peers' errors (a broken collective): name it.
         failures.sort(key=lambda f: not f[0])
-        _, message, exc = failures[0]
-        raise RemoteError(message) from exc
+        died, label, message, exc = failures[0]
+        raise RemoteError(message, label, died) from exc
     if pending:
-        late = [label for fut, label in zip(futures, labels, strict=True) if fut not in done]
+        late = [label for fut, label in zip(futures, labels, strict=True) if fut in pending]
         raise RemoteError(
             f"{what}: no answer within {timeout_s:g} s from {', '.join(late)}; the others "
             "finished. Check that actor's log (ray logs), or raise the timeout"
         )
-    return results
+    return [results[fut] for fut in futures]

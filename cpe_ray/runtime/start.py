@@ -3,11 +3,14 @@
 Order matters for failing fast: the placement is checked and reserved first (bounded wait,
 one line on failure), then engines and learner ranks start in their bundles, then the
 learner's DeepSpeed group forms and the weight-sync group joins the engines. `Runtime`
-holds the handles the controller needs and tears everything down in `shutdown`.
+holds the handles the controller needs, can start any engine again in its own bundle or the
+whole learner group in its bundles (fault recovery: `cpe_ray.runtime.recovery`), and tears
+everything down in `shutdown`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,22 @@ from cpe_ray.runtime.weight_sync import Manifest
 # When the learner and an engine share a GPU (cluster.colocate_learner_rollout) each takes
 # this share of it, so Ray lets both into one bundle; sleep mode frees the memory in turn.
 COLOCATED_GPU_SHARE = 0.5
+ROLLOUT, GRM = "rollout", "grm"
+
+
+@dataclass(frozen=True)
+class EngineSlot:
+    """How engine `index` of a kind was started: enough to start it again in its bundle."""
+
+    kind: str  # ROLLOUT or GRM
+    index: int
+    label: str
+    actor_cls: Any
+    options: dict[str, Any]
+    args: tuple
+
+    def start(self) -> Any:
+        return self.actor_cls.options(**self.options).remote(*self.args)
 
 
 @dataclass
@@ -41,14 +60,56 @@ class Runtime:
     grm_labels: list[str] = field(default_factory=list)
     learner: Any = None  # actors.learner.LearnerGroup
     manifest: Manifest | None = None
+    slots: dict[str, EngineSlot] = field(default_factory=dict)  # by label
+
+    def engines(self, kind: str) -> list[Any]:
+        return self.rollouts if kind == ROLLOUT else self.grms
+
+    def add_engine(self, slot: EngineSlot) -> None:
+        self.slots[slot.label] = slot
+        self.engines(slot.kind).append(slot.start())
+        (self.rollout_labels if slot.kind == ROLLOUT else self.grm_labels).append(slot.label)
+
+    def restart_engine(self, label: str) -> Any:
+        """Start engine `label` again in its bundle (the old process is killed first, which
+        frees the bundle) and wait until its model is loaded; the new handle."""
+        slot = self.slots[label]
+        engines = self.engines(slot.kind)
+        ray.kill(engines[slot.index], no_restart=True)
+        engines[slot.index] = slot.start()
+        wait_all([engines[slot.index].node_id.remote()], [label],
+                 self.cfg.learner.dist_timeout_s, f"{label} restart")
+        return engines[slot.index]
+
+    def start_learner(self) -> None:
+        """The learner group in its bundles with its DeepSpeed group formed (a previous group
+        is killed first); `connect_engines` then joins the rollout engines to it."""
+        if self.learner is not None:
+            self.learner.shutdown()
+            self.learner = None
+        self.learner = make_learner(self.cfg, self.plan, self.pools)
+        self.learner.setup()
 
     def shutdown(self) -> None:
         handles = list(self.rollouts) + list(self.grms)
         if self.learner is not None:
             handles += list(self.learner.actors)
         for handle in handles:
-            ray.kill(handle)
-        remove_pools(self.pools)
+            with contextlib.suppress(Exception):  # already gone with its node or the cluster
+                ray.kill(handle, no_restart=True)
+        with contextlib.suppress(Exception):
+            remove_pools(self.pools)
+
+
+def make_learner(cfg: Config, plan: PlacementPlan, pools: dict[str, Pool]) -> Any:
+    """A `LearnerGroup` whose ranks sit in the learner pool's bundles (not set up yet)."""
+    from actors.learner import LearnerGroup
+
+    learner_pool = pools[plan.pool_for("learner")]
+    strategies = [learner_pool.strategy(r) for r in range(cfg.learner.num_ranks)]
+    share = COLOCATED_GPU_SHARE if plan.colocated else None
+    return LearnerGroup(cfg, strategies, gpus_per_rank=share,
+                        cpus_per_rank=cfg.cluster.cpus_per_bundle * (share or 1.0))
 
 
 def _engine_options(cfg: Config, pool: Pool, engine: int, tp: int, colocated: bool
@@ -72,40 +133,39 @@ def _engine_options(cfg: Config, pool: Pool, engine: int, tp: int, colocated: bo
     return options, bundles, share
 
 
-def start_runtime(cfg: Config, with_learner: bool = True) -> Runtime:
+def engine_slots(cfg: Config, plan: PlacementPlan, pools: dict[str, Pool]) -> list[EngineSlot]:
+    """Every rollout and GRM engine of the plan, with its bundle and constructor arguments."""
     from actors.grm import GRMJudge
-    from actors.learner import LearnerGroup
     from actors.rollout import PolicyRollout
 
+    slots = []
+    tp = cfg.rollout.tensor_parallel_size
+    rollout_pool = pools[plan.pool_for("rollout")]
+    for i in range(cfg.rollout.num_engines):
+        options, bundles, share = _engine_options(cfg, rollout_pool, i, tp, plan.colocated)
+        slots.append(EngineSlot(ROLLOUT, i, f"rollout engine {i}", PolicyRollout, options,
+                                (cfg, i, bundles if tp > 1 else None, share)))
+    if GRM in pools:
+        gtp = (cfg.grm.tensor_parallel_size if GRM_BACKENDS[cfg.grm.backend].tensor_parallel
+               else 1)
+        for i in range(cfg.grm.num_engines):
+            options, bundles, _ = _engine_options(cfg, pools[GRM], i, gtp, False)
+            slots.append(EngineSlot(GRM, i, f"GRM engine {i}", GRMJudge, options,
+                                    (cfg, i, bundles if gtp > 1 else None)))
+    return slots
+
+
+def start_runtime(cfg: Config, with_learner: bool = True) -> Runtime:
     plan = plan_placement(cfg)
     pools = create_pools(plan, cfg.cluster.placement_timeout_s)
     rt = Runtime(cfg, plan, pools)
     try:
-        tp = cfg.rollout.tensor_parallel_size
-        rollout_pool = pools[plan.pool_for("rollout")]
-        for i in range(cfg.rollout.num_engines):
-            options, bundles, share = _engine_options(cfg, rollout_pool, i, tp, plan.colocated)
-            rt.rollouts.append(PolicyRollout.options(**options).remote(
-                cfg, i, bundles if tp > 1 else None, share))
-            rt.rollout_labels.append(f"rollout engine {i}")
-        if "grm" in pools:
-            gtp = (cfg.grm.tensor_parallel_size if GRM_BACKENDS[cfg.grm.backend].tensor_parallel
-                   else 1)
-            for i in range(cfg.grm.num_engines):
-                options, bundles, _ = _engine_options(cfg, pools["grm"], i, gtp, False)
-                rt.grms.append(GRMJudge.options(**options).remote(
-                    cfg, i, bundles if gtp > 1 else None))
-                rt.grm_labels.append(f"GRM engine {i}")
+        for slot in engine_slots(cfg, plan, pools):
+            rt.add_engine(slot)
         # Engines load their models while the learner starts; wait for both at the end.
         engine_ready = [h.node_id.remote() for h in rt.rollouts + rt.grms]
         if with_learner:
-            learner_pool = pools[plan.pool_for("learner")]
-            strategies = [learner_pool.strategy(r) for r in range(cfg.learner.num_ranks)]
-            gpus = COLOCATED_GPU_SHARE if plan.colocated else None
-            rt.learner = LearnerGroup(cfg, strategies, gpus_per_rank=gpus,
-                                      cpus_per_rank=cfg.cluster.cpus_per_bundle * (
-                                          COLOCATED_GPU_SHARE if plan.colocated else 1.0))
-            rt.learner.setup()
+            rt.start_learner()
         wait_all(engine_ready, rt.rollout_labels + rt.grm_labels,
                  cfg.learner.dist_timeout_s, "engine start-up")
         if with_learner:

@@ -92,7 +92,7 @@ class CollectSummary:
 def _record(item: JudgeInput, key: str, teacher: str, text: str, attempts: int,
             cfg: Config) -> dict[str, Any]:
     g = cfg.grm
-    judgement = parse_judgement(text, g.dimensions, (g.score_min, g.score_max))
+    judgement = parse_judgement(text, g.dimensions, (g.score_min, g.score_max), g.label_aliases)
     return {"key": key, "id": item.id, "persona": item.persona, "question": item.question,
             "answer": item.answer, "teacher": teacher, "output": text,
             "parsed": judgement.parsed, "scores": judgement.scores,
@@ -114,7 +114,7 @@ def collect(cfg: Config, say: Callable[[str], None] = print) -> CollectSummary:
     start = time.perf_counter()
     spec = EndpointSpec.from_config(d.api, "distill.api")
     inputs = load_judge_inputs(resolve_path(d.input_path), cfg.data.on_bad_record).records
-    template = load_grm_template(cfg.grm.template)
+    template = load_grm_template(cfg.grm.template, cfg.grm.template_placeholders)
     out, fail = Path(d.output_path).expanduser(), failures_path(cfg)
     done = {r["key"] for r in read_records(out)}
     read_records(fail)  # only to cut a truncated last line before appending

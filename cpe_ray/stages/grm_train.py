@@ -53,7 +53,7 @@ def prepare_grm(cfg: Config) -> tuple[StageJob, list[dict[str, Any]]]:
     records = load_judgements(cfg)
     model_path = resolve_model_path(d.model_path)
     tokenizer = load_tokenizer(model_path, cfg.policy.trust_remote_code)
-    template = load_grm_template(cfg.grm.template)
+    template = load_grm_template(cfg.grm.template, cfg.grm.template_placeholders)
     train_idx, held_idx = heldout_split([r["key"] for r in records], d.eval_fraction,
                                         cfg.run.seed)
 

@@ -125,7 +125,8 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         start, run_id = 0, None
         if resume is not None:
             start, run_id = restore(group, resume)
-        tracker = Tracker(cfg, run_dir, run_id, name=s.name, job_type=job.section)
+        tracker = Tracker(cfg, run_dir, run_id, name=s.name, job_type=job.section,
+                          start_step=start)
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         evaluation: dict[str, float] = {}
@@ -143,7 +144,9 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
             metrics["time/step"] = time.perf_counter() - t
             tracker.log(step, metrics)
             if is_due(done, total, s.save_every):
-                write_checkpoint(group, run_dir, done, job.model_dir, tracker.run_id)
+                write_checkpoint(group, run_dir, done, job.model_dir, tracker.run_id,
+                                 cfg.run.checkpoint_checksums,
+                                 resume_key=f"{job.section}.resume")
             first, last = first or metrics, metrics
             if progress:
                 bar.write(_summary_line(job.section, step, total, metrics))

@@ -24,7 +24,8 @@ def test_defaults_are_the_cpu_run_and_match_default_yaml() -> None:
     assert load_config(CONF_DIR / "default.yaml") == cfg
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b-cpe.yaml", "qwen2.5-14b-cpe.yaml"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b-cpe-release.yaml", "qwen2.5-7b-cpe.yaml",
+                                  "qwen2.5-14b-cpe.yaml"])
 def test_paper_settings(name: str) -> None:
     cfg = load_config(CONF_DIR / "experiment" / name)
     # method.md section 4: rollout batch 128, mini batch 64, n = 4, lengths 2048,
@@ -38,6 +39,32 @@ def test_paper_settings(name: str) -> None:
     assert cfg.ppo.advantage_estimator == "gae"
     assert cfg.grm.critique_temperature == 0.9 and cfg.grm.score_temperature == 0.0
     assert cfg.post_edit.strategy == "random" and cfg.post_edit.ratio == 0.5
+    # method.md 4, from the release's configs: T = 0.9 and top-p 0.9 for answers and rewrites,
+    # AdamW (0.9, 0.999) with weight decay 0.01, mini-batches of 64 x n rows
+    assert cfg.rollout.temperature == cfg.post_edit.temperature == 0.9
+    assert cfg.rollout.top_p == 0.9
+    assert cfg.learner.adam_betas == [0.9, 0.999] and cfg.learner.weight_decay == 0.01
+    assert cfg.ppo.mini_batch_unit == "rows"
+
+
+def test_release_recipe_and_the_papers_stated_clip() -> None:
+    """The release's main CPE script runs the rewrite ratio unclipped; qwen2.5-7b-cpe.yaml is
+    the same recipe with the paper's stated clip [0.8, 1.2], and nothing else."""
+    from cpe_ray.learners.ds_config import train_config
+    from cpe_ray.rl.trainer import num_mini_batches
+
+    release = load_config(CONF_DIR / "experiment" / "qwen2.5-7b-cpe-release.yaml")
+    assert release.ppo.edit_clip_low is None and release.ppo.edit_clip_high is None
+    assert release.post_edit.kept_multiple == 8 and release.ppo.edit_loss
+    stated = load_config(CONF_DIR / "experiment" / "qwen2.5-7b-cpe.yaml")
+    base, variant = flat_items(release), flat_items(stated)
+    assert {k: v for k, v in variant.items() if v != base[k]} == {
+        "run.name": "qwen2.5-7b-cpe", "ppo.edit_clip_low": 0.2, "ppo.edit_clip_high": 0.2}
+    # kept rewrites add optimiser steps: 512 answers + 256 rewrites = 3 steps of 256 rows
+    assert [num_mini_batches(release, rows) for rows in (512, 512 + 48, 512 + 256)] == [2, 3, 3]
+    assert num_mini_batches(load_config(), 12) == 2  # default: 8 prompts / 4 a mini-batch
+    optim = train_config(release.learner, 1e-6, "bfloat16", 8, True)["optimizer"]["params"]
+    assert optim["betas"] == [0.9, 0.999] and optim["weight_decay"] == 0.01
 
 
 def test_paper_stage_settings() -> None:
@@ -103,6 +130,15 @@ ERRORS = [
     (["grm.weights.helpfulness=-1"], "grm.weights.helpfulness = -1.0 must be a finite number >= 0"),
     (["grm.weights={helpfulness: 0}"], "grm.weights sum to 0"),
     (["grm.score_min=5"], "grm.score_min (5) must be below grm.score_max (5)"),
+    (["grm.critique_template=' '"], "grm.critique_template is empty; name a template file"),
+    (["grm.template_placeholders.persona_str=user"],
+     "grm.template_placeholders.persona_str = 'user' is not one of: persona, question, answer"),
+    (["grm.template_placeholders.answer=question"],
+     "grm.template_placeholders.answer = 'question' renames one of our own placeholders"),
+    (["grm.template_placeholders={'a b': persona}"],
+     "grm.template_placeholders: 'a b' is not a placeholder name"),
+    (["grm.label_aliases.naturalness=['']"], "grm.label_aliases.naturalness holds an empty label"),
+    (["grm.retry_temperature=0"], "grm.retry_temperature = 0.0 is outside (0, inf)"),
     (["grm.backend=hf"], "grm.backend=hf needs grm.model_path"),
     (["grm.backend=openai"], "grm.backend=openai needs grm.api.base_url and grm.api.model"),
     (["grm.api.api_key_env=MY-KEY"], "grm.api.api_key_env = 'MY-KEY' is not an environment variable"),
@@ -114,6 +150,11 @@ ERRORS = [
     (["ppo.kl_coef=0.1"], "ppo.kl_coef > 0 needs a reference model; set learner.use_reference=true"),
     (["trainer.rollout_batch_size=6"], "trainer.rollout_batch_size (6) is not a multiple of "
                                        "ppo.mini_batch_size (4)"),
+    (["learner.adam_betas=[0.9]"], "learner.adam_betas = [0.9] must be two numbers in [0, 1)"),
+    (["learner.adam_betas=[0.9,1.0]"], "learner.adam_betas = [0.9, 1.0] must be two numbers"),
+    (["ppo.mini_batch_unit=tokens"], "ppo.mini_batch_unit = 'tokens' is not one of: prompts, rows"),
+    (["post_edit.kept_multiple=0"], "post_edit.kept_multiple = 0 is outside [1, inf)"),
+    (["ppo.edit_clip_low=1.5"], "ppo.edit_clip_low = 1.5 is outside [0, 1]"),
     (["cluster.use_gpu=true", "cluster.colocate_learner_rollout=true", "learner.num_ranks=2"],
      "cluster.colocate_learner_rollout puts each rollout engine GPU beside one learner rank"),
     (["trainer.resume=' '"], "trainer.resume is empty"),
@@ -150,6 +191,12 @@ def test_file_errors(tmp_path: Path) -> None:
         load_config(bad)
 
 
+def test_rows_unit_needs_no_divisible_batch_and_clips_may_be_open() -> None:
+    cfg = load_config(overrides=["trainer.rollout_batch_size=6", "ppo.mini_batch_unit=rows",
+                                 "ppo.edit_clip_low=null", "ppo.edit_clip_high=null"])
+    assert cfg.ppo.edit_clip_low is None and cfg.ppo.edit_clip_high is None
+
+
 ABLATIONS = sorted((CONF_DIR / "experiment").glob("ablation-*.yaml"))
 
 
@@ -163,9 +210,9 @@ def test_the_ablation_arms_are_all_there() -> None:
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
 def test_ablation_arms_differ_from_the_recipe_only_where_intended(path: Path) -> None:
-    """load_config takes one file (no includes), so each arm is the 7B recipe written out in
-    full: it may differ from it only in the arm's own keys."""
-    base = flat_items(load_config(CONF_DIR / "experiment" / "qwen2.5-7b-cpe.yaml"))
+    """load_config takes one file (no includes), so each arm is the release's 7B recipe
+    written out in full: it may differ from it only in the arm's own keys."""
+    base = flat_items(load_config(CONF_DIR / "experiment" / "qwen2.5-7b-cpe-release.yaml"))
     arm = flat_items(load_config(path))
     diff = {k: v for k, v in arm.items() if v != base[k]}
     expected: dict = {"run.name": path.stem}

@@ -148,8 +148,84 @@ def test_baseline_missing_a_prompt_is_one_line(tmp_path: Path,
     partial.write_text(json.dumps([{"id": "eval-001", "output": "Walk around."}]))
     assert main(["eval", "winrate", "--limit", "2", "--baseline", str(partial)]) == 2
     assert error_line(capsys) == (f"cpe-ray: error: {partial} has no baseline answer for prompt "
-                                  "'eval-002' (matched by 'id' or 'instruction'); every "
-                                  "evaluated prompt needs one")
+                                  "'eval-002' (matched by 'id', 'instruction', or 'question' and "
+                                  "'persona'); every evaluated prompt needs one")
+
+
+# --- the paper release's files: generate_data_300 answers, parquet prompts, eval/data ------------
+
+def write_release_answers(path: Path, rows: list[tuple[str, dict, str]]) -> Path:
+    """The release's generate_data_300 format: question, persona (a compact JSON string),
+    response; one object a line."""
+    path.write_text("".join(json.dumps({"question": q, "persona": json.dumps(p, ensure_ascii=False),
+                                        "response": r}, ensure_ascii=False) + "\n"
+                            for q, p, r in rows), encoding="utf-8")
+    return path
+
+
+def test_winrate_on_release_generate_data_files(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "expected an object with a string 'output'". After: the release's baseline file
+    is the prompt set and the baseline at once, a model's file in the same format gives the
+    answers, a repeated (question, persona) is matched in file order, and parquet prompts
+    (indented persona JSON) find the compact-JSON baseline."""
+    ana, bo = {"Name": "Ana", "Age": 31}, {"Name": "Bo"}
+    baseline = write_release_answers(tmp_path / "mix_gpt-4o.jsonl", [
+        ("Q1？", ana, "b1"), ("Q2？", bo, "b2 b2"), ("Q1？", ana, "b1 again")])
+    model = write_release_answers(tmp_path / "model.jsonl", [
+        ("Q1？", ana, "a much longer first answer"), ("Q2？", bo, "a"),
+        ("Q1？", ana, "a much longer third answer")])
+    rc = main(["eval", "winrate", "--prompts", str(baseline), "--baseline", str(baseline),
+               "--answers", str(model), "--out", str(tmp_path / "out"), "eval.judge=length"])
+    assert rc == 0, capsys.readouterr().err
+    out = tmp_path / "out" / "winrate"
+    rows = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    assert [(r["baseline_answer"], r["model_answer"], r["preference"]) for r in rows] == [
+        ("b1", "a much longer first answer", 1.0), ("b2 b2", "a", 0.0),
+        ("b1 again", "a much longer third answer", 1.0)]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["baseline"], results["model"]) == ("mix_gpt-4o", "model")
+
+    from tests.test_data import release_user_turn, write_verl_parquet
+
+    prompts = write_verl_parquet(tmp_path / "test.parquet", [release_user_turn(bo, "Q2？")])
+    rc = main(["eval", "winrate", "--prompts", str(prompts), "--baseline", str(baseline),
+               "--answers", str(model), "--out", str(tmp_path / "pq"), "eval.judge=length"])
+    assert rc == 0 and "win rate 0.0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"output": "o", "response": "r", "question": "q", "persona": "p"},
+     "[0]: has both 'output' (alpaca_eval) and 'response' (the release's generate_data_300); "
+     "keep one of them"),
+    ({"response": "r", "question": "q"},
+     "[0]: a 'response' record needs a string 'response' and 'question' and a 'persona' "
+     "(string or object), as the release's generate_data_300 files have"),
+    ({"answer": "r", "question": "q"},
+     "[0]: expected an object with a string 'output' and 'id' or 'instruction' (alpaca_eval), "
+     "or with a string 'response', 'question' and 'persona' (the release's generate_data_300)"),
+])
+def test_ambiguous_answer_records_are_one_line(tmp_path: Path, record: dict, message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "baseline.json"
+    bad.write_text(json.dumps([record]))
+    assert main(["eval", "winrate", "--limit", "1", "--baseline", str(bad)]) == 2
+    assert error_line(capsys) == f"cpe-ray: error: {bad}{message}"
+
+
+def test_personafeedback_on_the_release_eval_data(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_data import case, make_release_pf
+
+    data = make_release_pf(tmp_path / "eval" / "data", {
+        "specific_easy.jsonl": [case("Ana_x1Q")], "general_mid.jsonl": [case("Bo_7zK")],
+        "general_hard.jsonl": [case("Bo_7zK"), case("Ana_x1Q")]})
+    rc = main(["eval", "personafeedback", "--root", str(data), "--out", str(tmp_path / "out")])
+    assert rc == 0 and "on 4 cases" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "personafeedback" / "results.json").read_text())
+    table = results["table"]
+    assert (table["easy/specific"]["n"], table["medium/general"]["n"],
+            table["hard/general"]["n"], table["all/all"]["n"]) == (1, 1, 2, 4)
 
 
 @pytest.mark.slow

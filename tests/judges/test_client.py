@@ -78,3 +78,52 @@ def test_cpe_step_judged_by_a_grm_endpoint(tmp_path, monkeypatch) -> None:
             assert s["critique"] == parse_judgement(text).critique
     assert last["reward/original/weighted"] == pytest.approx(
         sum(s["answer_reward"] for s in samples) / len(samples))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_cpe_step_on_release_data_judged_in_the_release_format(tmp_path, monkeypatch) -> None:
+    """The release's pieces together, under the default GRM config: prompts from a verl
+    parquet, a GRM endpoint prompted with release-style templates (score and critique apart)
+    that answers `Natural: N分`, and cuts off the first output of every prompt. Each cut-off
+    is retried (greedy score calls at grm.retry_temperature), counted in grm/retries, and
+    the rewards are the release's 0.35 H + 0.40 P + 0.25 N."""
+    from cpe_ray.run import train
+    from tests.test_data import ANA, release_user_turn, write_verl_parquet
+
+    prompts = write_verl_parquet(tmp_path / "test.parquet", [
+        release_user_turn(ANA, "夜班后怎么吃？"), release_user_turn({"Name": "Bo"}, "怎么睡好？")])
+    (tmp_path / "score.txt").write_text("SCORE\n{persona_str}\n{question_str}\n{solution_str}")
+    (tmp_path / "critique.txt").write_text("CRITIQUE\n{persona_str}\n{question_str}\n"
+                                           "{solution_str}")
+    seen: set[str] = set()
+
+    def release_grm(messages):
+        content = messages[-1]["content"]
+        if content not in seen:
+            seen.add(content)
+            return "<critique>\n太长。\n</critique>\n<scores>\nHelpfulness: 3分\n"  # cut off
+        return ("<critique>\n太长。\n</critique>\n\n<scores>\nHelpfulness: 3分\n"
+                "Personalization: 3分\nNatural: 2分\n</scores>")
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with ChatServer(release_grm, KEY) as server:
+        run = train(load_config(None, [
+            *SMALL, "grm.backend=openai", f"grm.api.base_url={server.base_url}",
+            "grm.api.model=grm-14b", f"grm.api.api_key_env={KEY_ENV}",
+            f"grm.template={tmp_path / 'score.txt'}",
+            f"grm.critique_template={tmp_path / 'critique.txt'}", f"data.train_path={prompts}",
+            f"run.output_dir={tmp_path}", "trainer.max_steps=1"]), progress=False)
+        bodies = list(server.bodies)
+    last = run["last"]
+    judged = 4 + 2 + 2  # answers scored, rewrites scored, answers critiqued
+    retries = len(bodies) - judged
+    assert last["grm/parse_failures"] == 0 and last["grm/retries"] == retries > 0
+    score = [b["temperature"] for b in bodies if b["messages"][0]["content"].startswith("SCORE")]
+    assert sorted(set(score)) == [0.0, 0.7] and score.count(0.0) == 6
+    assert last["reward/original/weighted"] == pytest.approx(0.35 * 3 + 0.40 * 3 + 0.25 * 2)
+    assert last["reward/original/naturalness"] == 2
+    samples = [json.loads(line) for line in
+               (tmp_path / "cpe-tiny" / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt_id"] for s in samples} == {"test-0", "test-1"}
+    assert all(s["persona"].startswith("{\n  \"Name\": ") for s in samples)

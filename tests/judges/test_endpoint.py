@@ -145,3 +145,44 @@ def test_grm_on_an_endpoint() -> None:
     rewards = [weighted_reward(o.judgement) for o in outcomes]
     assert rewards == pytest.approx([0.35 * 4 + 0.40 * 4 + 0.25 * 3,
                                      0.35 * -2 + 0.40 * -2 + 0.25 * 3])
+
+
+def test_release_grm_on_an_endpoint_retries_by_sampling(tmp_path) -> None:
+    """A GRM queried with release-style prompts (score and critique apart) that answers in the
+    release's format; its first score of one answer is cut off. The retry samples at
+    grm.retry_temperature, not at the greedy 0 that would repeat the cut-off text."""
+    (tmp_path / "score.txt").write_text(
+        "SCORE RUBRIC\n{persona_str}\n{question_str}\n<answer>{solution_str}</answer>",
+        encoding="utf-8")
+    (tmp_path / "critique.txt").write_text(
+        "CRITIQUE RUBRIC\n{persona_str}\n{question_str}\n<answer>{solution_str}</answer>",
+        encoding="utf-8")
+    seen: dict[str, int] = {}
+
+    def release_grm(messages):
+        answer = messages[-1]["content"].split("<answer>")[1].split("</answer>")[0]
+        seen[answer] = seen.get(answer, 0) + 1
+        if answer == "Sleep." and seen[answer] == 1:
+            return "<critique>Too short.</critique>\n<scores>\nHelpfulness: -2分\n"  # cut off
+        return ("<critique>\nToo short.\n</critique>\n\n<scores>\nHelpfulness: 3分\n"
+                "Personalization: 2分\nNatural: 1分\n</scores>")
+
+    cfg = GRMConfig(backend="openai", template=str(tmp_path / "score.txt"),
+                    critique_template=str(tmp_path / "critique.txt"))
+    with ChatServer(release_grm, KEY) as server:
+        cfg.api = ApiConfig(base_url=server.base_url, model="grm", api_key_env=KEY_ENV)
+        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(cfg.api, "grm.api")), cfg)
+        requests = [JudgeRequest(PERSONA, QUESTION, "Keep the lights bright."),
+                    JudgeRequest(PERSONA, QUESTION, "Sleep.")]
+        scored = judge.judge(requests, "score")
+        score_bodies = list(server.bodies)
+        critiqued = judge.judge(requests[:1], "critique")
+        critique_bodies = server.bodies[len(score_bodies):]
+    assert [o.attempts for o in scored] == [1, 2] and all(o.judgement.parsed for o in scored)
+    assert [weighted_reward(o.judgement) for o in scored] == pytest.approx([2.1, 2.1])
+    assert sorted(b["temperature"] for b in score_bodies) == [0.0, 0.0, 0.7]
+    assert all(b["messages"][0]["content"].startswith("SCORE RUBRIC\n" + PERSONA)
+               for b in score_bodies)
+    assert [b["temperature"] for b in critique_bodies] == [0.9]
+    assert critique_bodies[0]["messages"][0]["content"].startswith("CRITIQUE RUBRIC\n")
+    assert critiqued[0].judgement.critique == "Too short."

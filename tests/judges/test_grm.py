@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpe_ray.config import GRMConfig
+from cpe_ray.config.schema import GRM_RETRY_TEMPERATURE
 from cpe_ray.errors import TemplateError
 from cpe_ray.judges.grm import (
     DEFAULT_DIMENSIONS,
     DEFAULT_WEIGHTS,
     Judgement,
+    attempt_temperature,
     build_grm_messages,
     judge_with_retries,
     load_grm_template,
+    load_grm_templates,
     parse_judgement,
     weighted_reward,
 )
@@ -225,3 +231,151 @@ def test_judge_with_retries_checks_arguments() -> None:
     with pytest.raises(ValueError, match="0 outputs for 1 prompts"):
         judge_with_retries(lambda idx: [], count=1, max_retries=0)
     assert math.isclose(len(judge_with_retries(lambda idx: [], count=0, max_retries=1)), 0)
+
+
+# --- the paper release's GRM format (method.md 2) ----------------------------------------------
+# Outputs written here in the two release prompt versions' output formats (our own words):
+# P0815 asks for the raw score, then the deductions, then the final score in the critique;
+# P0805 asks for a length estimate first. Both end with the same <scores> block, labels
+# `Helpfulness` / `Personalization` / `Natural` and the unit 分 after each number.
+
+def release_p0815_output(h: int, p: int, n: int) -> str:
+    return ("<critique>\n长度约 520 token，超出建议长度，应删去第二段。\n"
+            "Helpfulness：原始 4分，长度扣 1分。Natural: 5分 的表达被冗长拖累。\n"
+            "建议：1. 删去重复的总结；2. 把推荐放在开头。\n</critique>\n\n"
+            f"<scores>\nHelpfulness: {h}分\nPersonalization: {p}分\nNatural: {n}分\n</scores>")
+
+
+def release_p0805_output(h: int, p: int, n: int) -> str:
+    return ("<critique>\n先估计长度：约 380 字，合理。本应 3分，扣去 1分后为 2分。\n"
+            "Personalization: 4 分的依据不足，个性化元素略显生硬。\n"
+            "改进：去掉结尾的总结句。\n</critique>\n\n"
+            f"<scores>\nHelpfulness: {h}分\nPersonalization: {p}分\nNatural: {n}分\n</scores>\n")
+
+
+RELEASE_FORMATS = {"P0815": release_p0815_output, "P0805": release_p0805_output}
+RELEASE_WEIGHTS = (0.35, 0.40, 0.25)  # the release's reward: 0.35 H + 0.40 P + 0.25 N
+SCORE_VALUES = range(-5, 6)
+
+
+@pytest.mark.parametrize("version", sorted(RELEASE_FORMATS))
+def test_every_release_score_triple_parses_under_the_default_config(version: str) -> None:
+    """All 11^3 triples in each version's format: parsed, exact, with the release's reward.
+
+    Before `Natural` was an alias every one of them was unparsed (naturalness None), was
+    regenerated up to grm.max_retries times and lost its 0.25 x naturalness term."""
+    g = GRMConfig()
+    write = RELEASE_FORMATS[version]
+    for h, p, n in itertools.product(SCORE_VALUES, repeat=3):
+        j = parse_judgement(write(h, p, n), g.dimensions, (g.score_min, g.score_max),
+                            g.label_aliases)
+        assert j.parsed and j.scores == {H: h, P: p, N: n}, (h, p, n, j.warnings)
+        assert j.labels == {H: "Helpfulness", P: "Personalization", N: "Natural"}
+        expected = sum(w * s for w, s in zip(RELEASE_WEIGHTS, (h, p, n), strict=True))
+        assert weighted_reward(j, g.weights, g.on_missing) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("triple", "logged"), [((3, 2, 1), 2.1), ((2, 3, 2), 2.4),
+                                                ((3, 3, 2), 2.75)])
+def test_rewards_of_the_release_training_log(triple: tuple[int, int, int], logged: float) -> None:
+    """Rewards the release's log shows need a non-zero Natural score: 2.75 = 0.35*3 + 0.40*3
+    + 0.25*2, where reading Natural as missing gives 2.25."""
+    j = parse_judgement(release_p0815_output(*triple))
+    assert weighted_reward(j) == pytest.approx(logged)
+    assert weighted_reward(j) - 0.25 * triple[2] != pytest.approx(logged)
+
+
+def test_release_critique_numbers_do_not_count() -> None:
+    # the P0815 critique writes "Natural: 5分" and the P0805 one "Personalization: 4 分"
+    assert parse_judgement(release_p0815_output(1, 1, -2)).scores[N] == -2
+    assert parse_judgement(release_p0805_output(1, -3, 1)).scores[P] == -3
+
+
+@pytest.mark.parametrize(("block", "scores", "labels"), [
+    # the release rubric's Chinese names, with the unit and full-width colons
+    ("帮助性：3分\n个性化：-2分\n自然度：1分", (3, -2, 1), ("帮助性", "个性化", "自然度")),
+    # both names of a dimension, as the rubric's headings write them
+    ("Helpfulness 帮助性: 2分\nPersonalization 个性化: 1分\nNatural 自然度: 0分", (2, 1, 0),
+     ("Helpfulness 帮助性", "Personalization 个性化", "Natural 自然度")),
+    # our own labels still win over the shorter alias
+    ("Helpfulness: 1\nPersonalization: 2\nNaturalness: 3", (1, 2, 3),
+     ("Helpfulness", "Personalization", "Naturalness")),
+])
+def test_labels_matched_are_reported(block: str, scores: tuple, labels: tuple) -> None:
+    j = parse_judgement(f"<critique>c</critique><scores>\n{block}\n</scores>")
+    assert tuple(j.scores[d] for d in DEFAULT_DIMENSIONS) == scores
+    assert tuple(j.labels[d] for d in DEFAULT_DIMENSIONS) == labels
+
+
+def test_out_of_range_release_scores_are_clamped_into_the_box() -> None:
+    j = parse_judgement(release_p0815_output(7, -9, 5))
+    assert (j.scores[H], j.scores[P], j.scores[N]) == (5, -5, 5)
+    assert "helpfulness 7 out of [-5, 5], clamped to 5" in j.warnings
+
+
+def test_judge_with_retries_uses_the_given_aliases() -> None:
+    text = "<critique>c</critique><scores>H: 1\nPersonalization: 2\nNaturalness: 3</scores>"
+    plain = judge_with_retries(lambda idx: [text for _ in idx], count=1, max_retries=0)
+    assert not plain[0].judgement.parsed
+    aliased = judge_with_retries(lambda idx: [text for _ in idx], count=1, max_retries=0,
+                                 aliases={H: ["H"]})
+    assert aliased[0].judgement.parsed and aliased[0].judgement.labels[H] == "H"
+
+
+# --- prompts taken out of the release ----------------------------------------------------------
+# A template of the release's structure, written here: one user turn, its rubric first, the
+# persona, question and answer last, filled through str.format names.
+RELEASE_STYLE_SCORE = ("你是评判员。按三个维度打分，每个维度-5到5分。\n<critique>\n依据\n</critique>\n"
+                       "<scores>\nHelpfulness: X分\nPersonalization: X分\nNatural: X分\n</scores>\n"
+                       "用户画像：\n{persona_str}\n\n问题：\n{question_str}\n\n"
+                       "待评回答：\n{solution_str}\n")
+RELEASE_STYLE_CRITIQUE = ("你是评判员，先写出改进建议。\n{persona_str}\n\n问题：{question_str}\n\n"
+                          "回答：{solution_str}")
+
+
+def test_a_release_style_template_loads_and_renders_with_our_fields(tmp_path) -> None:
+    path = tmp_path / "grm_release_p0815.txt"
+    path.write_text(RELEASE_STYLE_SCORE, encoding="utf-8")
+    tpl = load_grm_template(str(path))
+    assert tpl.placeholders == {"persona", "question", "answer"}
+    content = build_grm_messages(tpl, persona='{"Name": "Ana"}', question="Q{x}?",
+                                 answer="A.")[0]["content"]
+    assert content.endswith('用户画像：\n{"Name": "Ana"}\n\n问题：\nQ{x}?\n\n待评回答：\nA.\n')
+    # a mapping of other names; ours may be mixed in
+    path.write_text("{profile}\n{question}\n{reply}", encoding="utf-8")
+    tpl = load_grm_template(str(path), {"profile": "persona", "reply": "answer"})
+    assert build_grm_messages(tpl, "P", "Q", "A")[0]["content"] == "P\nQ\nA"
+    with pytest.raises(TemplateError, match=r"lacks required placeholder\(s\) \{persona\}.*"
+                                            r"grm.template_placeholders: \{persona_str\}"):
+        path.write_text("{question_str} {solution_str}", encoding="utf-8")
+        load_grm_template(str(path))
+
+
+def test_critique_and_score_calls_may_use_different_templates(tmp_path) -> None:
+    (tmp_path / "score.txt").write_text(RELEASE_STYLE_SCORE, encoding="utf-8")
+    (tmp_path / "critique.txt").write_text(RELEASE_STYLE_CRITIQUE, encoding="utf-8")
+    same = load_grm_templates(GRMConfig(template=str(tmp_path / "score.txt")))
+    assert same["critique"] is same["score"]
+    both = load_grm_templates(GRMConfig(template=str(tmp_path / "score.txt"),
+                                        critique_template=str(tmp_path / "critique.txt")))
+    assert both["critique"].text.startswith("你是评判员，先写出改进建议。\n{persona}")
+    assert both["score"].text.startswith("你是评判员。按三个维度打分")
+
+
+def test_an_escaped_newline_copied_from_python_source_is_flagged(tmp_path, caplog) -> None:
+    path = tmp_path / "copied.txt"
+    path.write_text("rubric\n{persona_str}\\n\\n{question_str}\n{solution_str}", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="cpe_ray.judges.grm"):
+        load_grm_template(str(path))
+    assert f"{path}:2: holds a backslash-n" in caplog.text
+
+
+@pytest.mark.parametrize(("temperature", "attempt", "expected"), [
+    (0.0, 0, 0.0),  # the greedy score call itself
+    (0.0, 1, GRM_RETRY_TEMPERATURE),  # its retries sample: a greedy repeat is the same text
+    (0.0, 5, GRM_RETRY_TEMPERATURE),
+    (0.9, 2, 0.9),  # a sampled (critique) call keeps its temperature
+])
+def test_retry_temperature(temperature: float, attempt: int, expected: float) -> None:
+    assert attempt_temperature(temperature, attempt, GRM_RETRY_TEMPERATURE) == expected
+    assert GRMConfig().retry_temperature == GRM_RETRY_TEMPERATURE > 0

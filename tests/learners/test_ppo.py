@@ -33,7 +33,9 @@ def _batch(rollout, seed: int = 0):
 
     batch = ray.get(rollout.answer.remote(QUESTIONS, seed))
     prompts = [batch.prompt_ids[c.prompt_index] for c in batch.completions]
-    exp = Experience.from_tokens(prompts, [c.token_ids for c in batch.completions], 0)
+    # the answers' sampling temperature (rollout.temperature's default)
+    exp = Experience.from_tokens(prompts, [c.token_ids for c in batch.completions], 0,
+                                 temperature=1.0)
     return batch, exp
 
 

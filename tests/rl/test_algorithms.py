@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cpe_ray.rl.algorithms import (
     EDIT_RATIO_EPS,
+    KL_CLAMP,
     aggregate_loss,
     bradley_terry_loss,
     cpe_policy_loss,
@@ -202,6 +203,14 @@ def test_kl_estimators_hand_values() -> None:
         kl_estimate(lp, ref, "k4")
 
 
+def test_k3_is_clamped_at_ten_like_the_peers() -> None:
+    # log-ratio 13.9: unclamped k3 = e^-13.9 - 1 + 13.9 = 12.9; -13.9: e^13.9 - 14.9 ~ 1.1e6.
+    # verl's low_var_kl and OpenRLHF clamp at 10; a small log-ratio (2) is untouched.
+    assert KL_CLAMP == 10.0
+    lp = t([[13.9, -13.9, 2.0]])
+    close(kl_estimate(lp, torch.zeros_like(lp), "k3"), [[10.0, 10.0, math.exp(-2) + 1]])
+
+
 # ----------------------------------------------------------------------------- aggregation
 def test_aggregation_modes_hand_values() -> None:
     loss = t([[1, 2, 3, 4], [10, 20, 99, 99], [5, 5, 5, 5]])
@@ -319,6 +328,28 @@ def test_cpe_edit_ratio_hand_values_and_mixing() -> None:
     assert torch.isfinite(c["logprobs"].grad).all()
     # Rewrite grads: d(-A r)/dlogp = -A r on tok0 only (tok1, tok2 clipped): -2 * r0 / 7
     close(c["logprobs"].grad[1], [-2 * r0 / 7, 0.0, 0.0])
+
+
+def test_cpe_edit_ratio_unclipped_like_the_release() -> None:
+    """edit_clip_* = None: the release's off_policy_{min,max}_clip = -1, every rewrite token
+    keeps its gradient (clipped to [0.8, 1.2], tok1 and tok2 of cpe_case got none)."""
+    c = cpe_case()
+    r0, r2 = 0.5 / (0.5 + EDIT_RATIO_EPS), math.exp(-0.2) / (0.25 + EDIT_RATIO_EPS)
+    loss, stats = cpe_policy_loss(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=None,
+                                  edit_clip_high=None)
+    keep = [0, 2]
+    ppo_orig, _ = ppo_policy_loss(*(c[k][keep] for k in ("logprobs", "old_logprobs",
+                                                          "advantages", "mask")))
+    # rewrite row: -A r with r = r0, 0.5, r2 and A = 2, 1, -1
+    close(loss, (ppo_orig.item() * 4 - 2 * r0 - 0.5 + r2) / 7)
+    close(stats.edit_clip_frac, 0.0)
+    loss.backward()
+    close(c["logprobs"].grad[1], [-2 * r0 / 7, -0.5 / 7, r2 / 7])
+    # one side open: only the upper bound (1.2) binds, on tok2
+    c = cpe_case()
+    _, stats = cpe_policy_loss(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=None,
+                               edit_clip_high=0.2)
+    close(stats.edit_clip_frac, 1 / 3)
 
 
 def test_cpe_edit_loss_off_is_plain_ppo_and_all_original_is_ppo() -> None:

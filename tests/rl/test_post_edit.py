@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpe_ray.errors import TemplateError
 from cpe_ray.rl.post_edit import (
+    TRUNCATION_MARK,
     RewriteInfo,
     build_edit_messages,
+    fit_edit_prompt,
     load_edit_template,
     needs_rewards,
     select_rewrites,
@@ -68,8 +72,25 @@ def test_reward_keeps_ceil_top_per_question() -> None:
     # q1: rewards 0, -1, 4, 4.5 -> index 7
     rw = batch([1, 5, 3, 2, 0, -1, 4, 4.5])
     assert select_rewrites("reward", rw, ratio=0.25, seed=0) == [1, 7]
-    # ratio 0.3 -> ceil(1.2) = 2 per question: q0 -> 1, 2; q1 -> 6, 7
-    assert select_rewrites("reward", rw, ratio=0.3, seed=0) == [1, 2, 6, 7]
+    # ratio 0.5 -> ceil(2) = 2 per question: q0 -> 1, 2; q1 -> 6, 7 (floor(4) in all)
+    assert select_rewrites("reward", rw, ratio=0.5, seed=0) == [1, 2, 6, 7]
+    # ratio 0.3 -> the same 4 candidates, but floor(8 x 0.3) = 2 in all, drawn uniformly
+    picks = {tuple(select_rewrites("reward", rw, ratio=0.3, seed=s)) for s in range(20)}
+    assert all(len(p) == 2 and set(p) <= {1, 2, 6, 7} for p in picks) and len(picks) > 1
+
+
+def test_reward_caps_the_total_like_the_release() -> None:
+    """128 prompts x 4 rewrites at ratio 0.1: ceil(0.4) = 1 candidate per question (128), but
+    the release keeps int(0.1 x 512) = 51, rounded down to its GPU count: 48."""
+    rw = batch([float(i % 7) for i in range(512)])
+    kept = select_rewrites("reward", rw, ratio=0.1, seed=0)
+    assert len(kept) == 51
+    assert len(select_rewrites("reward", rw, ratio=0.1, seed=0, multiple=8)) == 48
+    best = {i // 4: max(range(i // 4 * 4, i // 4 * 4 + 4), key=lambda j: (j % 7, -j))
+            for i in range(512)}
+    assert all(rw[k].reward == rw[best[k // 4]].reward for k in kept)  # each its question's best
+    assert len(select_rewrites("random", rw, ratio=0.1, seed=0, multiple=8)) == 48
+    assert len(select_rewrites("batch_reward", rw, ratio=0.1, seed=0, multiple=8)) == 48
 
 
 def test_batch_reward_is_global_top_k() -> None:
@@ -83,6 +104,21 @@ def test_improvement_ranks_by_gain_over_original() -> None:
     originals = [-3, 5, 0, 2.5]  # gains: 4, 0, 3, -0.5
     rw = batch(rewards, originals)
     assert select_rewrites("improvement", rw, ratio=0.5, seed=0) == [0, 2]
+
+
+def test_improvement_caps_each_question_then_takes_the_top_gains() -> None:
+    """The release's group_rank_by_improvement: ceil(n x ratio) per question first. With
+    gains q0 = 5, 4, 3, 2 and q1 = -1, -2, -3, -4 at 0.5, a global top 4 would keep all of
+    q0; the cap keeps q0's best 2 and q1's best 2."""
+    rw = batch([5, 4, 3, 2, -1, -2, -3, -4])
+    assert select_rewrites("improvement", rw, ratio=0.5, seed=0) == [0, 1, 4, 5]
+    # ratio 0.25: 1 candidate per question (gains 5 and -1), floor(8 x 0.25) = 2: both
+    assert select_rewrites("improvement", rw, ratio=0.25, seed=0) == [0, 4]
+    # three questions at 0.25 over 12: candidates 5, -1, 9; floor(3) = 3 ... and with a cap
+    # of a multiple of 2, the two largest gains (9 and 5) survive
+    rw = batch([5, 4, 3, 2, -1, -2, -3, -4, 9, 0, 0, 0])
+    assert select_rewrites("improvement", rw, ratio=0.25, seed=0) == [0, 4, 8]
+    assert select_rewrites("improvement", rw, ratio=0.25, seed=0, multiple=2) == [0, 8]
 
 
 def test_ties_broken_by_seed_not_position() -> None:
@@ -121,6 +157,80 @@ def test_selection_properties(rewards: list[float], ratio: float, strategy: str,
     kept = select_rewrites(strategy, rw, ratio=ratio, seed=seed)
     assert kept == sorted(set(kept)) and all(0 <= i < len(rw) for i in kept)
     assert kept == select_rewrites(strategy, rw, ratio=ratio, seed=seed)
+    assert len(kept) <= int(ratio * len(rw) + 1e-9)  # never more than floor(ratio x N)
     if strategy == "batch_reward" and kept:
         worst_kept = min(rewards[i] for i in kept)
         assert all(rewards[i] <= worst_kept for i in range(len(rw)) if i not in kept)
+
+
+# ----------------------------------------------------------------------------- prompt limit
+PERSONA = "a retired teacher who hikes every weekend"
+QUESTION = "Plan a weekend trip for me near the mountains."
+
+
+WORDS = ("the", "trail", "lake", "picnic", "morning", "map", "boots", "water", "view", "rest",
+         "town", "river", "camp", "sun")
+
+
+def _words(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def edit_encoder():
+    """The rollout actor's edit prompt on the tiny model's tokenizer: system turn (persona),
+    then the edit template with question, answer and critique."""
+    from cpe_ray.chat import apply_chat_template, load_policy_system_template, system_prompt
+    from cpe_ray.models import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path("tiny"))
+    system = system_prompt(load_policy_system_template(), PERSONA)
+    template = load_edit_template("edit_en.txt")
+
+    def encode(answer: str, critique: str, question: str = QUESTION) -> list[int]:
+        msgs = build_edit_messages(template, question, answer, critique, system_prompt=system,
+                                   persona=PERSONA)
+        return apply_chat_template(tok, msgs)
+
+    return tok, encode
+
+
+def test_long_edit_prompt_loses_answer_and_critique_not_persona_or_question(edit_encoder):
+    """The 7B recipe's shape: an answer of ~2,000 tokens and a critique of ~1,000 under a
+    2,048-token prompt limit. Cut from the left, the prompt loses the persona and the question."""
+    tok, encode = edit_encoder
+    answer, critique, limit = _words(900, 1), _words(450, 2), 2048
+    full = encode(answer, critique)
+    assert len(full) > limit
+    left_cut = tok.decode(full[-limit:])
+    assert PERSONA not in left_cut and QUESTION not in left_cut  # what the left cut did
+    fitted = fit_edit_prompt(encode, tok, answer, critique, limit)
+    text = tok.decode(fitted.token_ids)
+    assert fitted.shortened and not fitted.cut_left
+    assert limit - 16 <= len(fitted.token_ids) <= limit  # little of the budget left unused
+    assert PERSONA in text and QUESTION in text
+    # both keep their beginnings; the longer answer lost more than the critique
+    assert answer[:200] in text and critique[:200] in text and text.count(TRUNCATION_MARK) == 2
+    kept_answer = text[text.index(answer[:50]):].split(TRUNCATION_MARK)[0]
+    assert len(kept_answer) < len(answer)
+
+
+def test_short_edit_prompt_is_untouched_and_hopeless_one_is_cut_left(edit_encoder):
+    tok, encode = edit_encoder
+    fitted = fit_edit_prompt(encode, tok, "Go hiking.", "Too short.", 2048)
+    assert fitted.token_ids == encode("Go hiking.", "Too short.")
+    assert not fitted.shortened and not fitted.cut_left
+    # a short critique stays whole while the long answer takes the whole cut
+    answer, critique = _words(900, 3), "Name one trail and a picnic spot."
+    fitted = fit_edit_prompt(encode, tok, answer, critique, 1024)
+    text = tok.decode(fitted.token_ids)
+    assert critique in text and text.count(TRUNCATION_MARK) == 1 and len(fitted.token_ids) <= 1024
+    # a question alone over the limit: only then is the start cut (counted as such)
+    question = _words(600, 4)
+
+    def long_question(a: str, c: str) -> list[int]:
+        return encode(a, c, question=question)
+
+    fitted = fit_edit_prompt(long_question, tok, "Go hiking.", "Too short.", 512)
+    assert fitted.cut_left and len(fitted.token_ids) == 512

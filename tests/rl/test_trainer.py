@@ -17,6 +17,8 @@ SMALL = [
     "rollout.max_new_tokens=8", "post_edit.max_new_tokens=8", "learner.micro_batch_size=2",
     "logging.wandb_mode=disabled",
 ]
+# Rewrites sampled at another temperature than answers: each row must be scored at its own.
+MIXED_T = ("post_edit.temperature=0.7",)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def _trainer(cfg, rt, tmp_path):
 
 
 def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
-    cfg, rt = runtime_for()
+    cfg, rt = runtime_for(*MIXED_T)
     trainer = _trainer(cfg, rt, tmp_path)
     metrics = trainer.step(0, trainer.batch_for(0))
     # 2 prompts x 2 answers = 4 rewrites; random at ratio 0.5 keeps floor(0.5 x 4) = 2
@@ -61,6 +63,8 @@ def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
     assert metrics["sync/bytes"] == rt.manifest.total_bytes
     # ZeRO-0 float32 clips without reporting a norm in DeepSpeed; the learner keeps it
     assert metrics["policy/grad_norm"] > 0 and metrics["critic/grad_norm"] > 0
+    # the demo prompts fit rollout.max_prompt_length: nothing was cut
+    assert metrics["post_edit/truncated_prompts"] == 0 == metrics["rollout/prompts_cut_left"]
     for phase in ("generate", "critique", "post_edit", "score", "score_rewrites", "train",
                   "weight_sync"):
         assert 0 <= metrics[f"time/{phase}"] <= metrics["time/step"]
@@ -77,13 +81,15 @@ def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_
     """The step overlaps the originals' forward with post-edit: same numbers as one pass."""
     from cpe_ray.runtime.pipeline import Pipeline
 
-    cfg, rt = runtime_for()
+    cfg, rt = runtime_for(*MIXED_T)
     trainer = _trainer(cfg, rt, tmp_path)
     batch = trainer.batch_for(0)
     s = trainer.collect(batch, 7, Pipeline(60), lambda *args: None)
     kept = [s.rewrites[k] for k in s.kept]
     assert kept
     whole = trainer._experience(s.prompt_ids, s.answers, kept)
+    # answers at rollout.temperature, rewrites at post_edit.temperature
+    assert whole.temperature.tolist() == pytest.approx([1.0] * 4 + [0.7] * len(kept))
 
     def forward(exp):
         return {name: p.wait(60) for name, p in trainer._submit_forward(exp).items()}
@@ -96,6 +102,77 @@ def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_
         assert parts[name].shape == one[name].shape
         torch.testing.assert_close(parts[name] * whole.response_mask,
                                    one[name] * whole.response_mask, atol=1e-5, rtol=1e-5)
+
+
+def test_each_row_is_scored_at_its_sampling_temperature(runtime_for) -> None:
+    """Answers sampled at rollout.temperature (1.0) and rewrites at post_edit.temperature (0.7)
+    in one batch: the learner's log-probs equal the engine's on every row. Scored at the
+    rollout's temperature, as before, the rewrites' tokens were off by ~0.06 nats each."""
+    import ray
+
+    from cpe_ray.rl.experience import Experience
+    from cpe_ray.rl.post_edit import EditRequest
+
+    cfg, rt = runtime_for(*MIXED_T)
+    engine = rt.rollouts[0]
+    persona, question = "a retired teacher who hikes", "Plan a weekend for me."
+    answers = ray.get(engine.answer.remote([(persona, question)], 11))
+    edits = ray.get(engine.post_edit.remote(
+        [EditRequest(persona, question, c.text, "Name a trail.") for c in answers.completions],
+        12))
+    rows = answers.completions + edits.completions
+    exp = Experience.from_tokens(
+        [answers.prompt_ids[0]] * len(answers.completions) + edits.prompt_ids,
+        [c.token_ids for c in rows], ray.get(engine.pad_token_id.remote()),
+        temperature=[cfg.rollout.temperature] * len(answers.completions)
+        + [cfg.post_edit.temperature] * len(edits.completions))
+    engine_lp = [torch.tensor(c.logprobs) for c in rows]
+    learner_lp = rt.learner.compute_logprobs(exp)
+    for row, lp in enumerate(engine_lp):
+        torch.testing.assert_close(learner_lp[row, : len(lp)], lp, atol=1e-4, rtol=1e-4)
+    at_rollout_t = rt.learner.compute_logprobs(exp.with_fields(temperature=torch.ones(len(exp))))
+    rewrites = range(len(answers.completions), len(rows))
+    off = torch.cat([(at_rollout_t[r, : len(engine_lp[r])] - engine_lp[r]).abs()
+                     for r in rewrites]).mean()
+    assert off > 0.01  # what scoring every row at rollout.temperature got wrong
+
+
+def test_group_advantages_are_not_whitened_over_tokens() -> None:
+    """GRPO / RLOO: with lengths [40, 2, 3, 4] and rewards [2, 0.6, 0, -0.4], whitening over
+    tokens made the 0.6 answer (above its group's mean 0.55) -1.25 and the best +0.46."""
+    from cpe_ray.rl.experience import Experience
+    from cpe_ray.rl.trainer import compute_advantages
+
+    lengths, rewards = [40, 2, 3, 4], torch.tensor([2.0, 0.6, 0.0, -0.4])
+    exp = Experience.from_tokens([[1]] * 4, [[5] * n for n in lengths], 0, temperature=1.0)
+    forward = {"old_logprobs": torch.zeros(4, 40)}
+    groups = torch.zeros(4, dtype=torch.long)
+    for estimator in ("grpo", "rloo"):
+        cfg = load_config(None, [f"ppo.advantage_estimator={estimator}"])
+        assert cfg.ppo.whiten_advantages  # the default: it applies to GAE only
+        adv = compute_advantages(cfg.ppo, exp, forward, rewards, groups).advantages
+        first = adv[:, 0]
+        assert (torch.sign(first) == torch.sign(rewards - rewards.mean())).all(), estimator
+        # GRPO: (r - 0.55) / std([2, 0.6, 0, -0.4]) = 1.45 / 1.0503 = 1.381, 0.05 / 1.0503
+        if estimator == "grpo":
+            assert first.tolist() == pytest.approx([1.3806, 0.0476, -0.5237, -0.9045], abs=1e-3)
+        for row, n in enumerate(lengths):  # one value on every token of an answer
+            assert (adv[row, :n] == first[row]).all() and (adv[row, n:] == 0).all()
+
+
+def test_gae_advantages_are_whitened_over_tokens() -> None:
+    from cpe_ray.rl.algorithms import masked_mean, masked_var
+    from cpe_ray.rl.experience import Experience
+    from cpe_ray.rl.trainer import compute_advantages
+
+    exp = Experience.from_tokens([[1]] * 3, [[5] * n for n in (6, 2, 3)], 0, temperature=1.0)
+    forward = {"old_logprobs": torch.zeros(3, 6), "old_values": torch.rand(3, 6)}
+    cfg = load_config(None, [])
+    out = compute_advantages(cfg.ppo, exp, forward, torch.tensor([1.0, -1.0, 0.5]),
+                             torch.arange(3))
+    mask = exp.response_mask
+    assert abs(float(masked_mean(out.advantages, mask))) < 1e-6
+    assert float(masked_var(out.advantages, mask)) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_ppo_step_without_post_edit(runtime_for, tmp_path) -> None:

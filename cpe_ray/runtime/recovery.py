@@ -1,0 +1,168 @@
+"""Fault recovery inside a run: dead engine and learner actors come back, bounded and counted.
+
+A rollout or GRM engine that dies is started again in its own bundle; a rollout engine then
+rejoins the weight-sync group (a new group, every engine with it) and receives the learner's
+current weights, so it samples exactly what the dead one would have, and the controller redoes
+the step from its seeds. A learner rank that dies takes its DeepSpeed group with it: the
+whole group is started again in its bundles, loads the newest whole checkpoint of the run (or
+the initial weights when there is none) and syncs the engines; the controller then replays
+the steps since that checkpoint without logging them again (`cpe_ray.run`). Every step is a
+pure function of (weights, seed, step), so redone work produces what the first attempt would
+have: the run ends on the weights of a run that never failed.
+
+`Supervisor` bounds restarts (`trainer.max_restarts`); past it, one line names the actor, the
+cause and the checkpoint to resume from. Each restart prints one line and is counted in the
+metrics `faults/restarts` and `faults/seconds_lost`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpe_ray.errors import CpeError
+from cpe_ray.runtime.remote import RemoteError
+from cpe_ray.runtime.start import ROLLOUT, Runtime
+
+
+class RestartLimitError(CpeError):
+    """An actor died after `trainer.max_restarts` restarts were used up."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    step: int  # 0-based step during which the actor died
+    actor: str
+    cause: str
+    seconds_lost: float  # the failed attempt and the restart (a learner's replay comes later)
+
+
+@dataclass(frozen=True)
+class Restorable:
+    """Where a restarted learner starts: a whole checkpoint and its step (None, 0: the
+    initial weights, which a fresh learner rebuilds exactly from its seed)."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+
+
+@dataclass
+class Supervisor:
+    """Restarts the dead actors of `rt` within `max_restarts`; `log(line)` prints a line."""
+
+    rt: Runtime
+    max_restarts: int
+    judge_actors: list[Any] | None = None  # the judge client's GRM handles, kept current
+    log: Callable[[str], None] = print
+    restarts: int = 0  # carried over from the checkpoint resumed from, for the metrics
+    seconds_lost: float = 0.0
+    faults: list[Fault] = field(default_factory=list)  # this process's; the budget counts them
+    restore_point: Restorable = field(default_factory=Restorable)
+    step: int = 0  # the step in progress, for faults met inside a weight sync
+
+    def __post_init__(self) -> None:
+        if self.rt.learner is not None:
+            self.rt.learner.engine_recovery = self._sync_fault
+
+    def metrics(self) -> dict[str, float]:
+        return {"faults/restarts": float(self.restarts),
+                "faults/seconds_lost": float(self.seconds_lost)}
+
+    def lose(self, seconds: float) -> None:
+        """Time spent redoing work after a restart (a learner's replayed steps)."""
+        self.seconds_lost += seconds
+
+    def recoverable(self, err: BaseException) -> bool:
+        return isinstance(err, RemoteError) and err.died and (
+            self._is_engine(err.actor) or self._is_learner(err.actor))
+
+    def recover(self, err: RemoteError, step: int, began: float) -> int:
+        """Restart what `err` says died during `step` (which began at perf_counter `began`);
+        the step to go on from: `step` itself after an engine, the restore point's step after
+        the learner. Past the budget, or for anything else, one line (raised)."""
+        self._charge(err, step)
+        if self._is_engine(err.actor):
+            self._restart_engine(err.actor)
+            what, resume = f"started again in its bundle, redoing step {step + 1}", step
+        else:
+            resume = self._restart_learner()
+            where = (f"from {self.restore_point.checkpoint.name}"
+                     if self.restore_point.checkpoint is not None else "from its initial weights")
+            what = (f"learner restarted {where}, replaying steps {resume + 1}-{step}"
+                    if resume < step else f"learner restarted {where}")
+        self._record(Fault(step, err.actor, _cause(err), time.perf_counter() - began), what)
+        return resume
+
+    # --- internals ---------------------------------------------------------------------------
+    def _is_engine(self, label: str | None) -> bool:
+        return label is not None and label in self.rt.slots
+
+    def _is_learner(self, label: str | None) -> bool:
+        return (label is not None and self.rt.learner is not None
+                and label in self.rt.learner.labels)
+
+    def _charge(self, err: RemoteError, step: int) -> None:
+        if len(self.faults) < self.max_restarts:
+            return
+        raise RestartLimitError(
+            f"{err.actor} died ({_cause(err)}) and trainer.max_restarts={self.max_restarts} "
+            f"restart(s) are used up") from err
+
+    def _record(self, fault: Fault, what: str) -> None:
+        self.faults.append(fault)
+        self.restarts += 1
+        self.seconds_lost += fault.seconds_lost
+        self.log(f"cpe-ray: restart {len(self.faults)}/{self.max_restarts}: {fault.actor} died "
+                 f"at step {fault.step + 1} ({fault.cause}); {what}; "
+                 f"{fault.seconds_lost:.1f} s lost")
+
+    def _restart_engine(self, label: str, sync: bool = True) -> None:
+        """Engine `label` again in its bundle; a rollout engine rejoins weight sync with every
+        other engine and (with `sync`) gets the learner's current weights."""
+        slot = self.rt.slots[label]
+        handle = self.rt.restart_engine(label)
+        if slot.kind == ROLLOUT:
+            self.rt.manifest = self.rt.learner.connect_engines(self.rt.rollouts,
+                                                               self.rt.rollout_labels)
+            if sync:
+                self.rt.learner.sync_weights()
+        elif self.judge_actors is not None:
+            self.judge_actors[slot.index] = handle
+
+    def _restart_learner(self) -> int:
+        from cpe_ray.runs import restore
+
+        self.rt.start_learner()
+        self.rt.learner.engine_recovery = self._sync_fault
+        step = 0
+        if self.restore_point.checkpoint is not None:
+            step, _ = restore(self.rt.learner, self.restore_point.checkpoint)
+        self.rt.manifest = self.rt.learner.connect_engines(self.rt.rollouts,
+                                                           self.rt.rollout_labels)
+        self.rt.learner.sync_weights()
+        return step
+
+    def _sync_fault(self, err: RemoteError) -> None:
+        """An engine died inside a weight sync (the learner already updated): restart it; the
+        learner group then redoes the sync."""
+        began = time.perf_counter()
+        self._charge(err, self.step)
+        self._restart_engine(err.actor, sync=False)  # the group redoes the sync
+        self._record(Fault(self.step, err.actor, _cause(err), time.perf_counter() - began),
+                     "started again in its bundle, syncing the weights again")
+
+
+def _cause(err: RemoteError) -> str:
+    """What killed the actor, in a few words (Ray's error type and its first reason)."""
+    cause = err.__cause__
+    name = type(cause).__name__ if cause is not None else "died"
+    detail = " ".join(str(cause).split()) if cause is not None else ""
+    for marker in ("was killed", "OOM", "out of memory", "SIGKILL", "exited unexpectedly",
+                   "node"):
+        if marker.lower() in detail.lower():
+            at = detail.lower().index(marker.lower())
+            return f"{name}: ...{detail[max(0, at - 60): at + 60]}..."
+    return name
