@@ -110,6 +110,18 @@ class LearnerGroup(RankGroup):
 
     def train(self, exp: Experience, num_mini_batches: int, seed: int) -> dict[str, float]:
         """`ppo.epochs` passes; each a fresh seeded shuffle cut into optimiser steps."""
+        return self.submit_train(exp, num_mini_batches, seed).wait(
+            self.cfg.learner.dist_timeout_s)
+
+    def submit_train(self, exp: Experience, num_mini_batches: int, seed: int) -> Pending:
+        """Start `train` on every rank; the result is its reduced metrics. The caller may
+        dispatch other work (the next batch's generation) before waiting."""
+        per_rank = self._shards(exp, num_mini_batches, seed)
+        refs = [a.train.remote(s) for a, s in zip(self.actors, per_rank, strict=True)]
+        return Pending(refs, list(self.labels), "PPO update", combine=reduce_metrics)
+
+    def _shards(self, exp: Experience, num_mini_batches: int, seed: int
+                ) -> list[list[TrainShard]]:
         per_rank: list[list[TrainShard]] = [[] for _ in range(self.world)]
         for epoch in range(self.cfg.ppo.epochs):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -121,8 +133,7 @@ class LearnerGroup(RankGroup):
                 tokens, seqs = mini.num_tokens(), mini.num_nonempty()
                 for rank, shard in enumerate(shards):
                     per_rank[rank].append(TrainShard(shard, k, tokens, seqs))
-        parts = self._call("train", [(s,) for s in per_rank], "PPO update")
-        return reduce_metrics(parts)
+        return per_rank
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return self._on_all("policy_state")[0]

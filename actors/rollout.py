@@ -4,7 +4,9 @@ Prompts are built here from persona and question with the policy's chat template
 driver ships strings and gets back the exact token ids it must train on. A rewrite's
 completion carries its log-probs under the *edit* prompt: that is log pi_e of method.md 3.3.
 An edit prompt over rollout.max_prompt_length loses the end of the answer and the critique,
-never the persona or the question (`fit_edit_prompt`); each batch says how many were cut.
+never the persona or the question (`fit_edit_prompt`); an answer prompt loses the middle of
+its question, never the system turn or the persona (`fit_policy_prompt`); each batch says how
+many were cut.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from dataclasses import dataclass
 
 import ray
 
-from cpe_ray.chat import apply_chat_template, build_policy_messages, load_policy_system_template
+from cpe_ray.chat import (
+    FittedPrompt,
+    apply_chat_template,
+    fit_policy_prompt,
+    load_policy_system_template,
+)
 from cpe_ray.chat import system_prompt as render_system
 from cpe_ray.config import Config
 from cpe_ray.engines.base import Completion, SamplingParams
@@ -35,6 +42,7 @@ class GenerationBatch:
     completions: list[Completion]
     shortened: int = 0  # edit prompts whose answer / critique lost their end to fit
     cut_left: int = 0  # prompts over the limit even so, cut from the start (persona lost)
+    questions_shortened: int = 0  # answer prompts whose question lost its middle to fit
 
 
 @ray.remote
@@ -79,17 +87,13 @@ class PolicyRollout:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def _truncate(self, ids: list[int]) -> list[int]:
-        # Last resort: keep the end, where the generation prompt and the question sit.
-        limit = self.cfg.rollout.max_prompt_length
-        return ids[-limit:] if len(ids) > limit else ids
-
-    def _full_prompt_ids(self, persona: str, question: str) -> list[int]:
-        messages = build_policy_messages(persona, question, self.system_template)
-        return apply_chat_template(self.tokenizer, messages)
+    def _fit(self, persona: str, question: str) -> FittedPrompt:
+        return fit_policy_prompt(self.tokenizer, persona, question,
+                                 self.cfg.rollout.max_prompt_length, self.system_template)
 
     def prompt_ids(self, persona: str, question: str) -> list[int]:
-        return self._truncate(self._full_prompt_ids(persona, question))
+        """The answer prompt within rollout.max_prompt_length (`fit_policy_prompt`)."""
+        return self._fit(persona, question).token_ids
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams
                  ) -> list[Completion]:
@@ -98,12 +102,13 @@ class PolicyRollout:
     def answer(self, prompts: list[tuple[str, str]], seed: int) -> GenerationBatch:
         """n answers per (persona, question), sampled with the rollout settings."""
         r = self.cfg.rollout
-        full = [self._full_prompt_ids(persona, question) for persona, question in prompts]
-        ids = [self._truncate(f) for f in full]
+        fitted = [self._fit(persona, question) for persona, question in prompts]
+        ids = [f.token_ids for f in fitted]
         params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature,
                                 top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
-        cut = sum(len(f) > r.max_prompt_length for f in full)
-        return GenerationBatch(ids, self.engine.generate(ids, params), cut_left=cut)
+        return GenerationBatch(ids, self.engine.generate(ids, params),
+                               cut_left=sum(f.cut_left for f in fitted),
+                               questions_shortened=sum(f.shortened for f in fitted))
 
     def post_edit(self, requests: list[EditRequest], seed: int) -> GenerationBatch:
         """One rewrite per request under the edit prompt; logprobs are log pi_e."""

@@ -15,6 +15,11 @@ from cpe_ray.errors import DataError
 from cpe_ray.prompts import PromptTemplate, load_template
 
 POLICY_SYSTEM_TEMPLATE = "policy_system_en.txt"
+# Stands where a question over rollout.max_prompt_length lost its middle.
+QUESTION_CUT_MARK = " [...] "
+# Re-tokenising cut text can move a token boundary, and the mark costs tokens: a shortened
+# prompt is re-measured and the cut deepened by the overshoot, at most this many times.
+FIT_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,40 @@ def apply_chat_template(
     """Token ids of the chat-templated prompt (the template adds any special tokens itself)."""
     text = render_chat_template(tokenizer, messages, add_generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    token_ids: list[int]
+    shortened: bool  # the question lost its middle; the system turn and persona are whole
+    cut_left: bool  # too long even so: the prompt's start was cut (the persona with it)
+
+
+def fit_policy_prompt(tokenizer: Any, persona: str | Mapping[str, Any], question: str,
+                      limit: int, system_template: PromptTemplate | None = None
+                      ) -> FittedPrompt:
+    """The policy's prompt within `limit` tokens. Over it, the question keeps its start and its
+    end (where a request usually sits) and loses its middle, marked by QUESTION_CUT_MARK: the
+    system turn and the persona stay whole. Only a prompt too long without its question has
+    its start cut, as a last resort."""
+
+    def encode(text: str) -> list[int]:
+        return apply_chat_template(tokenizer,
+                                   build_policy_messages(persona, text, system_template))
+
+    ids = encode(question)
+    if len(ids) <= limit:
+        return FittedPrompt(ids, shortened=False, cut_left=False)
+    q_ids = tokenizer.encode(question, add_special_tokens=False)
+    budget = len(q_ids) - (len(ids) - limit)
+    for _ in range(FIT_ROUNDS):
+        if budget <= 0:
+            break
+        head, tail = q_ids[: (budget + 1) // 2], q_ids[len(q_ids) - budget // 2:]
+        text = (tokenizer.decode(head) + QUESTION_CUT_MARK
+                + (tokenizer.decode(tail) if budget // 2 else "")).strip()
+        fitted = encode(text)
+        if len(fitted) <= limit:
+            return FittedPrompt(fitted, shortened=True, cut_left=False)
+        budget -= len(fitted) - limit
+    return FittedPrompt(ids[-limit:], shortened=False, cut_left=True)

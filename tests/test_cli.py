@@ -55,6 +55,13 @@ def test_bad_record_names_file_and_line(tmp_path: Path) -> None:
     assert "prompts: 1 records loaded, 1 skipped" in proc.stdout
 
 
+def test_binary_config_is_one_line(tmp_path: Path) -> None:
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"run:\n  name: \xd0\x00\xff")
+    assert_one_line_error(cli("train", "--config", str(binary)),
+                          f"{binary}: not a text file (byte 0xd0 at offset 13 is not UTF-8)")
+
+
 def test_data_check_demo_sets() -> None:
     proc = cli("data-check", "personafeedback", "data/demo/personafeedback")
     assert proc.returncode == 0, proc.stderr

@@ -252,6 +252,13 @@ class TrainerConfig:
     # Restarts of dead engine (rollout, GRM) or learner actors within one run; past it the run
     # ends with one line naming the actor (0: the first death ends it)
     max_restarts: int = _f(DEFAULT_MAX_RESTARTS, ge=0)
+    # One-step off-policy (1): the engines generate, critique and rewrite batch t+1 with the
+    # weights they hold while the learner trains on batch t; weights move between batches.
+    # 0: the synchronous loop (the default until 1 has shown equal learning at scale).
+    off_policy_steps: int = _f(0, ge=0, le=1)
+    # Truncation of the importance weight pi_prox / pi_behav of stale originals (decoupled
+    # PPO; AReaL's behav_imp_weight_cap); rewrites already carry their ratio against log pi_e
+    behaviour_weight_cap: float = _f(2.0, gt=0)
 
 
 @dataclass
@@ -354,6 +361,20 @@ class RMConfig(StageTrainConfig):
 
 
 @dataclass
+class ServeConfig:
+    """`cpe-ray serve-judge`: the configured judge (`grm.*`) behind an OpenAI-compatible
+    chat endpoint (cpe_ray/judges/serve.py)."""
+
+    host: str = "127.0.0.1"  # loopback: only this machine can reach the judge
+    port: int = _f(8000, ge=0, le=65535)  # 0: any free port (the start line prints it)
+    model: str = "cpe-ray-judge"  # the model name clients send (grm.api.model, distill.api.model)
+    # the variable holding the key clients must send; None: any key (loopback hosts only)
+    api_key_env: str | None = None
+    max_batch: int = _f(16, ge=1)  # queued requests judged in one call (one engine batch)
+    batch_wait_s: float = _f(0.01, ge=0)  # how long a request waits for others to join it
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -370,3 +391,4 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

@@ -180,6 +180,44 @@ def expand_to_tokens(seq_values: Tensor, mask: Tensor) -> Tensor:
     return _zero_pad(seq_values[:, None].expand(mask.shape), mask)
 
 
+@dataclass(frozen=True)
+class BehaviourWeights:
+    """Truncated importance weights of stale samples and what to log of them."""
+
+    weights: Tensor  # [B, T], 0 on padding
+    mean: float  # over tokens, before truncation
+    clipped_frac: float  # share of tokens whose weight was cut to the cap
+
+
+def behaviour_weights(proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
+                      cap: float) -> BehaviourWeights:
+    """w = min(pi_prox / pi_behav, cap) per token, detached (decoupled PPO, as AReaL's
+    `behav_imp_weight_cap` and verl's truncated rollout importance sampling).
+
+    With one-step off-policy training an answer was sampled by the engines' weights of the
+    previous step (pi_behav, their log-probs), while the PPO ratio is taken against the
+    learner's weights at the start of this update (pi_prox, its old log-probs). Scaling the
+    advantage of every token by w makes PPO's clipped surrogate w * min(r A, clip(r) A) an
+    importance-corrected estimate of the on-policy one (w >= 0 moves through the min);
+    truncation at `cap` bounds the variance a token with a tiny pi_behav could add.
+    """
+    _check_shapes(proximal_logprobs=proximal_logprobs, behaviour_logprobs=behaviour_logprobs,
+                  mask=mask)
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    log_ratio = (_zero_pad(_at_least_f32(proximal_logprobs), mask)
+                 - _zero_pad(_at_least_f32(behaviour_logprobs), mask))
+    raw = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).detach()
+    clipped = (raw > cap) & mask.bool()
+    weights = torch.where(mask.bool(), raw.clamp(max=cap), torch.zeros_like(raw))
+    tokens = int(mask.bool().sum())
+    return BehaviourWeights(
+        weights,
+        float(masked_mean(raw, mask)) if tokens else 1.0,
+        float(clipped.sum()) / tokens if tokens else 0.0,
+    )
+
+
 def token_level_rewards(
     scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0
 ) -> Tensor:

@@ -20,9 +20,11 @@ at ratio 0.5. Plain PPO (post_edit.enabled=false) is the same loop without 3.2-3
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ from cpe_ray.runtime.pipeline import Pending, Pipeline
 from cpe_ray.runtime.remote import wait_all
 from cpe_ray.runtime.start import Runtime
 from cpe_ray.tracking import Tracker
+
+INFLIGHT_FILE = "inflight.pkl"  # in a checkpoint: batches sampled ahead of their step
 
 # Sub-seeds of a step: one independent stream per (purpose, chunk).
 ANSWER, CRITIQUE, EDIT, SCORE, SCORE_REWRITE, SELECT = range(6)
@@ -65,10 +69,12 @@ class PromptFits:
 
     edit_shortened: int = 0  # edit prompts whose answer / critique lost their end
     cut_left: int = 0  # prompts still too long, cut from the start (the persona is lost)
+    questions_shortened: int = 0  # answer prompts whose question lost its middle
 
     def add(self, part) -> None:
         self.edit_shortened += part.shortened
         self.cut_left += part.cut_left
+        self.questions_shortened += part.questions_shortened
 
 
 @dataclass
@@ -89,6 +95,9 @@ class Trainer:
                  records: list[PromptRecord], tracker: Tracker) -> None:
         self.cfg, self.rt, self.judge, self.records, self.tracker = (
             cfg, runtime, judge, records, tracker)
+        # Batches sampled ahead of their step (trainer.off_policy_steps), by step; a
+        # checkpoint carries them so a resume trains exactly what an unbroken run would
+        self.inflight: dict[int, Samples] = {}
         self.pad_id = wait_all([runtime.rollouts[0].pad_token_id.remote()],
                                runtime.rollout_labels[:1], cfg.learner.dist_timeout_s,
                                "tokenizer")[0]
@@ -201,16 +210,25 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         seed = derive_seed(cfg.run.seed, step)
-        pipe = Pipeline(cfg.learner.dist_timeout_s)
+        timeout = cfg.learner.dist_timeout_s
         originals: dict[str, torch.Tensor] = {}
+        s = self.inflight.pop(step, None)  # sampled during the previous step's update
+        staleness = 0 if s is None else cfg.trainer.off_policy_steps
+        if s is None:
+            pipe = Pipeline(timeout)
 
-        def forward_originals(prompt_ids, answers) -> None:  # while rewrites are generated
-            exp = self._experience(prompt_ids, answers, [])
-            for name, pending in self._submit_forward(exp).items():
-                pipe.then(pending, "learner_forward",
-                          lambda value, key=name: originals.__setitem__(key, value))
+            def forward_originals(prompt_ids, answers) -> None:  # while rewrites are generated
+                exp = self._experience(prompt_ids, answers, [])
+                for name, pending in self._submit_forward(exp).items():
+                    pipe.then(pending, "learner_forward",
+                              lambda value, key=name: originals.__setitem__(key, value))
 
-        s = self.collect(batch, seed, pipe, forward_originals)
+            s = self.collect(batch, seed, pipe, forward_originals)
+        else:  # the learner's weights now are the proximal policy of this update
+            t = time.perf_counter()
+            exp0 = self._experience(s.prompt_ids, s.answers, [])
+            originals = {k: p.wait(timeout) for k, p in self._submit_forward(exp0).items()}
+            s.seconds["learner_forward"] = time.perf_counter() - t
         kept = [s.rewrites[k] for k in s.kept]
         exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
         seconds = dict(s.seconds)
@@ -220,8 +238,21 @@ class Trainer:
         scores = torch.tensor([a.reward for a in s.answers + kept], dtype=torch.float32)
         groups = torch.tensor([a.prompt for a in s.answers + kept])
         exp = self.advantages(exp, fields, scores, groups)
+        off_policy: dict[str, float] = {}
+        if cfg.trainer.off_policy_steps:
+            exp, off_policy = self._correct_staleness(exp, s.answers, staleness)
         t = time.perf_counter()
-        train_metrics = self.rt.learner.train(exp, num_mini_batches(cfg, len(exp)), seed)
+        training = self.rt.learner.submit_train(exp, num_mini_batches(cfg, len(exp)), seed)
+        if cfg.trainer.off_policy_steps and step + 1 < self.steps_of_data():
+            # 3.1-3.6 of the next batch on the engines' current weights, while the learner
+            # trains; its weights reach the engines only after both are done. The schedule
+            # ignores trainer.max_steps, so a run stopped there and resumed with a higher one
+            # trains what an unbroken run would (at the cost of one batch sampled in vain)
+            nxt = step + 1
+            self.inflight[nxt] = self.collect(self.batch_for(nxt), derive_seed(cfg.run.seed, nxt),
+                                              Pipeline(timeout), lambda *_: None)
+            seconds["generate_next"] = time.perf_counter() - t
+        train_metrics = training.wait(timeout)
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
         sync = self.rt.learner.sync_weights()
@@ -232,7 +263,9 @@ class Trainer:
             kl = alg.kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator,
                                  exp.response_mask)
             metrics["policy/ref_kl"] = float(alg.masked_mean(kl, exp.response_mask))
-        metrics["rollout/logprob_diff"] = logprob_diff(s.answers, fields["old_logprobs"])
+        if not staleness:  # stale answers differ by a step of training, not by noise
+            metrics["rollout/logprob_diff"] = logprob_diff(s.answers, fields["old_logprobs"])
+        metrics.update(off_policy)
         metrics.update(self._reward_metrics(s))
         metrics.update(self._prompt_fit_metrics(s))
         metrics.update({f"time/{k}": v for k, v in seconds.items()})
@@ -267,6 +300,29 @@ class Trainer:
         return {name: torch.cat([pad_response(originals[name], width),
                                  pad_response(p.wait(timeout), width)])
                 for name, p in pending.items()}
+
+    def _correct_staleness(self, exp: Experience, answers: list[Answer], staleness: int
+                           ) -> tuple[Experience, dict[str, float]]:
+        """Off-policy originals: advantages times min(pi_prox / pi_behav, cap) per token, the
+        behaviour policy's log-probs being the engine's (`alg.behaviour_weights`). Rewrites
+        keep their own correction, the ratio against log pi_e, which is already taken against
+        the distribution that sampled them; fresh batches (staleness 0) get weight 1."""
+        metrics = {"off_policy/staleness": float(staleness)}
+        if not staleness:
+            return exp, metrics | {"off_policy/weight_mean": 1.0,
+                                   "off_policy/weight_clipped_frac": 0.0}
+        rows = len(answers)
+        mask = exp.response_mask[:rows]
+        behaviour = pad_response(torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(a.completion.logprobs, dtype=torch.float32) for a in answers],
+            batch_first=True), exp.response_width)
+        bw = alg.behaviour_weights(exp.old_logprobs[:rows], behaviour, mask,
+                                   self.cfg.trainer.behaviour_weight_cap)
+        weights = torch.ones_like(exp.advantages)
+        weights[:rows] = torch.where(mask.bool(), bw.weights, torch.ones_like(bw.weights))
+        metrics |= {"off_policy/weight_mean": bw.mean,
+                    "off_policy/weight_clipped_frac": bw.clipped_frac}
+        return exp.with_fields(advantages=exp.advantages * weights), metrics
 
     def _submit_forward(self, exp: Experience) -> dict[str, Pending]:
         """The learner's per-token inputs to the update: old (and reference) log-probs, and
@@ -309,7 +365,8 @@ class Trainer:
     def _prompt_fit_metrics(self, s: Samples) -> dict[str, float]:
         """Prompts over rollout.max_prompt_length: edit prompts that lost the end of their
         answer / critique, and prompts cut from the start (the persona went with it)."""
-        out = {"rollout/prompts_cut_left": float(s.prompt_fits.cut_left)}
+        out = {"rollout/prompts_cut_left": float(s.prompt_fits.cut_left),
+               "rollout/questions_shortened": float(s.prompt_fits.questions_shortened)}
         if self.cfg.post_edit.enabled:
             out["post_edit/truncated_prompts"] = float(s.prompt_fits.edit_shortened)
         return out
@@ -330,12 +387,26 @@ class Trainer:
             })
         return out
 
+    # --- what a checkpoint carries besides the learner's state ---------------------------------
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """The batches sampled ahead (off-policy): without them a resume would have to
+        regenerate batch k with the weights of step k-1, which no checkpoint holds."""
+        return {INFLIGHT_FILE: pickle.dumps(self.inflight)} if self.inflight else {}
+
+    def restore_files(self, checkpoint: Path) -> None:
+        path = checkpoint / INFLIGHT_FILE
+        self.inflight = pickle.loads(path.read_bytes()) if path.exists() else {}
+
     # --- the loop ----------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
         return len(self.records) // self.cfg.trainer.rollout_batch_size
 
+    def steps_of_data(self) -> int:
+        """Steps in trainer.total_epochs passes over the prompts, whatever max_steps says."""
+        return self.steps_per_epoch() * self.cfg.trainer.total_epochs
+
     def total_steps(self) -> int:
-        total = self.steps_per_epoch() * self.cfg.trainer.total_epochs
+        total = self.steps_of_data()
         limit = self.cfg.trainer.max_steps
         return min(total, limit) if limit is not None else total
 

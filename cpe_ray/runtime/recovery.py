@@ -17,6 +17,7 @@ metrics `faults/restarts` and `faults/seconds_lost`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import Any
 from cpe_ray.errors import CpeError
 from cpe_ray.runtime.remote import RemoteError
 from cpe_ray.runtime.start import ROLLOUT, Runtime
+
+CAUSE_CHARS = 120  # of Ray's exit detail, in a restart line
 
 
 class RestartLimitError(CpeError):
@@ -156,13 +159,18 @@ class Supervisor:
 
 
 def _cause(err: RemoteError) -> str:
-    """What killed the actor, in a few words (Ray's error type and its first reason)."""
+    """What ended the actor, in a few words: Ray's error type, the process id and its exit
+    ("ActorDiedError, pid 123: SYSTEM_ERROR, Worker unexpectedly exits with ...")."""
     cause = err.__cause__
-    name = type(cause).__name__ if cause is not None else "died"
-    detail = " ".join(str(cause).split()) if cause is not None else ""
-    for marker in ("was killed", "OOM", "out of memory", "SIGKILL", "exited unexpectedly",
-                   "node"):
-        if marker.lower() in detail.lower():
-            at = detail.lower().index(marker.lower())
-            return f"{name}: ...{detail[max(0, at - 60): at + 60]}..."
-    return name
+    if cause is None:
+        return "died"
+    text = " ".join(str(cause).split())
+    parts = [type(cause).__name__]
+    pid = re.search(r"\bpid: (\d+)", text)
+    if pid:
+        parts[0] += f", pid {pid.group(1)}"
+    exit_ = re.search(r"Worker exit type: (\w+) Worker exit detail: ([^.]*)", text)
+    if exit_:
+        return f"{parts[0]}: {exit_.group(1)}, {exit_.group(2)[:CAUSE_CHARS]}"
+    reason = re.search(r"The actor (?:is dead|died) because ([^.]*)", text)
+    return f"{parts[0]}: {reason.group(1)[:CAUSE_CHARS]}" if reason else parts[0]

@@ -13,6 +13,7 @@ from cpe_ray.rl.algorithms import (
     EDIT_RATIO_EPS,
     KL_CLAMP,
     aggregate_loss,
+    behaviour_weights,
     bradley_terry_loss,
     cpe_policy_loss,
     entropy_from_logits,
@@ -450,3 +451,28 @@ def test_bradley_terry_loss_hand_values_and_gradient() -> None:
     with pytest.raises(ValueError, match="shape mismatch"):
         bradley_terry_loss(t([1.0, 2.0]), t([1.0]))
 
+
+
+def test_behaviour_weights_truncate_and_scale_the_surrogate() -> None:
+    """One-step off-policy: w = min(pi_prox / pi_behav, cap), and w * A inside PPO's clipped
+    surrogate equals w times the surrogate (hand-computed)."""
+    import math
+
+    prox = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
+    behav = torch.tensor([[-1.0, -2.5, -2.0], [-0.8, 9.0, 9.0]])  # padding holds garbage
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    bw = behaviour_weights(prox, behav, mask, cap=2.0)
+    expected = [[1.0, math.exp(0.5), 2.0], [math.exp(-0.2), 0.0, 0.0]]  # exp(1.5)=4.48 -> 2
+    torch.testing.assert_close(bw.weights, torch.tensor(expected))
+    assert bw.mean == pytest.approx((1 + math.exp(0.5) + math.exp(1.5) + math.exp(-0.2)) / 4)
+    assert bw.clipped_frac == pytest.approx(0.25)
+    # scaling advantages by w scales the clipped surrogate by w, token by token
+    logp = torch.tensor([[-0.7, -1.9, -0.1], [-1.3, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])
+    ratio = torch.exp(logp - prox)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    weighted = torch.minimum(ratio * adv * bw.weights,
+                             ratio.clamp(0.8, 1.2) * adv * bw.weights)
+    torch.testing.assert_close(weighted, surrogate * bw.weights)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        behaviour_weights(prox, behav, mask, cap=0.0)

@@ -250,3 +250,32 @@ def test_bad_record_exits_with_file_and_line(tmp_path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert f"{bad}:2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_off_policy_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
+    """trainer.off_policy_steps=1: batch t+1 is sampled while batch t trains; the checkpoint
+    carries the batch in flight, so a resume trains exactly what the unbroken run did."""
+    from cpe_ray.rl.trainer import INFLIGHT_FILE
+    from cpe_ray.run import checkpoints, train
+
+    base = [*SMALL, f"run.output_dir={tmp_path}", "trainer.off_policy_steps=1",
+            "trainer.save_every=2"]
+    straight = train(load_config(None, [*base, "run.name=straight", "trainer.max_steps=4"]),
+                     progress=False)
+    train(load_config(None, [*base, "run.name=resumed", "trainer.max_steps=2"]), progress=False)
+    ckpt = checkpoints(tmp_path / "resumed")[-1]
+    assert (ckpt / INFLIGHT_FILE).is_file()  # batch 2, sampled with step 1's weights
+    resumed = train(load_config(None, [*base, "run.name=resumed", "trainer.max_steps=4",
+                                       "trainer.resume=auto"]), progress=False)
+    assert resumed["resumed_from"] == 2 and straight["resumed_from"] == 0
+    a = _policy(checkpoints(tmp_path / "straight")[-1])
+    b = _policy(checkpoints(tmp_path / "resumed")[-1])
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2, 3]
+    assert [m["off_policy/staleness"] for m in lines] == [0.0, 1.0, 1.0, 1.0]
+    for m in lines[1:]:  # a step of training apart: weights near 1, none cut at the cap
+        assert 0.5 < m["off_policy/weight_mean"] < 2.0 and m["off_policy/weight_clipped_frac"] < 0.5
+    assert "rollout/logprob_diff" in lines[0] and "rollout/logprob_diff" not in lines[1]

@@ -2,7 +2,8 @@
 
 Each run is the real command in a subprocess (local Ray, HF engine, one DeepSpeed gloo rank).
 The killed run must exit 0, log every step exactly once, and end on weights bit-equal to an
-uninterrupted run with the same seed.
+uninterrupted run with the same seed. Past `trainer.max_restarts`, and on Ctrl-C or SIGTERM,
+it ends with one line, its checkpoint whole and none of its Ray processes left.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ SMALL = [
     "logging.wandb_mode=disabled", f"trainer.max_steps={STEPS}", "trainer.save_every=2",
 ]
 RUN_TIMEOUT_S = 280
+STOP_LIMIT_S = 30  # Ctrl-C / SIGTERM to exit, cleanup included
+GONE_WITHIN_S = 3  # after the driver exits, every process it started is gone by then
 
 
 def descendants(pid: int) -> list[tuple[int, str]]:
@@ -128,6 +131,65 @@ def test_killed_actor_is_restarted_and_the_run_ends_as_if_never_killed(
     assert metrics[-1]["faults/restarts"] == 1.0
     assert metrics[-1]["faults/seconds_lost"] > 0
     lost = float(restarts[0].rsplit("; ", 1)[1].split(" s lost")[0])
-    print(f"{actor}: {lost:.1f} s lost in the restart, "
+    print(f"\n{restarts[0]}\n{actor}: {lost:.1f} s lost in the restart, "
           f"{metrics[-1]['faults/seconds_lost']:.1f} s in all")
     _assert_same_run(tmp_path / "chaos", reference)
+
+
+def test_past_max_restarts_the_run_ends_with_one_line_and_its_checkpoint_intact(
+        tmp_path) -> None:
+    from cpe_ray.runs import verify_checkpoint
+
+    run_dir = tmp_path / "limit"
+    proc = train(tmp_path, "limit", "trainer.max_restarts=0")
+    kill_when(proc, run_dir, 2, "PolicyRollout")
+    out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("cpe-ray: error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("cpe-ray: error: rollout engine 0 died (")
+    assert errors[0].endswith(
+        "and trainer.max_restarts=0 restart(s) are used up (at step 3/4; the newest whole "
+        f"checkpoint is {run_dir}/checkpoints/step-2: resume with trainer.resume=auto)")
+    assert verify_checkpoint(run_dir / "checkpoints" / "step-2") is None
+    assert logged_steps(run_dir) == [0, 1]
+
+
+@pytest.mark.parametrize("sig, whole_group, code", [
+    (signal.SIGINT, True, 130),  # Ctrl-C in a terminal signals the whole process group
+    (signal.SIGTERM, False, 143),  # a scheduler's stop signals the driver
+])
+def test_ctrl_c_and_sigterm_stop_within_seconds_with_one_line_and_no_ray_left(
+        tmp_path, sig, whole_group, code) -> None:
+    run_dir = tmp_path / "stop"
+    proc = train(tmp_path, "stop", "trainer.max_steps=100")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(logged_steps(run_dir)) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    ours = descendants(proc.pid)
+    assert any(args.startswith("ray::PPOLearner") for _, args in ours)
+    start = time.monotonic()
+    if whole_group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=STOP_LIMIT_S)
+    took = time.monotonic() - start
+    assert proc.returncode == code, out[-3000:]
+    assert took < STOP_LIMIT_S and "Traceback" not in out
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("cpe-ray: error: stopped by "), out[-3000:]
+    time.sleep(GONE_WITHIN_S)
+    left = [(pid, args) for pid, args in ours if _alive(pid)]
+    assert not left
+    print(f"{signal.Signals(sig).name}: stopped in {took:.1f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -55,3 +55,46 @@ def test_laggard_is_named_after_the_deadline() -> None:
         wait_all([value.remote(0), value.remote(1, 30)], ["GRM engine 0", "GRM engine 1"], 0.5,
                  "GRM judging")
     assert time.monotonic() - start < 5
+
+
+def test_a_dead_actor_ends_the_wait_at_once_and_is_named() -> None:
+    """A peer blocked in a collective would hold the wait to its deadline: the death of the
+    other ends it within seconds, marked as a death (what fault recovery restarts)."""
+    import os
+    import signal
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Peer:
+        def pid(self) -> int:
+            return os.getpid()
+
+        def block(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    stuck, victim = Peer.remote(), Peer.remote()
+    pid = ray.get(victim.pid.remote())
+    futures = [stuck.block.remote(120), victim.block.remote(120)]
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RemoteError) as err:
+        wait_all(futures, ["learner rank 0", "rollout engine 0"], 300, "weight sync")
+    assert time.monotonic() - start < 10
+    assert err.value.died and err.value.actor == "rollout engine 0"
+    assert str(err.value) == "weight sync: rollout engine 0 died (ActorDiedError)"
+    ray.kill(stuck)
+
+
+def test_a_failure_without_a_message_names_its_type() -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def eof():
+        raise EOFError()
+
+    with pytest.raises(RemoteError, match=r"^load: learner rank 0 failed: EOFError$") as err:
+        wait_all([eof.remote()], ["learner rank 0"], 30, "load")
+    assert not err.value.died and err.value.actor == "learner rank 0"

@@ -51,7 +51,8 @@ def test_sft_then_one_ppo_step_from_its_policy(tmp_path, capsys) -> None:
     assert "done: 2 steps (resumed from step 0); train loss " in printed
     assert f"next          cpe-ray train policy.model_path={ckpt / 'policy'}" in printed
     assert [p.name for p in checkpoints(run_dir)] == ["step-2"]
-    assert {p.name for p in ckpt.iterdir()} == {"policy", "state", "trainer_state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"policy", "state", "trainer_state.json",
+                                                "manifest.json"}
     assert load_config(run_dir / "config.yaml") == cfg
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1]
