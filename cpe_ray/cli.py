@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A logging handler that cannot write (a full disk: wandb's debug log) must not print a
+    # traceback beside our one line.
+    logging.raiseExceptions = False
     try:
         with stop_signals():  # Ctrl-C and SIGTERM: one line, the job's cleanup runs
             return int(args.func(args))

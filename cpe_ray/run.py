@@ -92,7 +92,7 @@ def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None
         rt = start_runtime(cfg)
         start, run_id, carried = 0, None, {}
         if resume is not None:
-            start, run_id = restore(rt.learner, resume)
+            start, run_id = restore(rt.learner, resume, run_dir)
             carried = read_trainer_state(resume).get("faults") or {}
             rt.learner.sync_weights()  # engines must sample from the restored policy
         tracker = Tracker(cfg, run_dir, run_id, start_step=start)
@@ -107,7 +107,9 @@ def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None
             rt, cfg.trainer.max_restarts, judge.actors, log=lambda line: print(line, flush=True),
             restarts=int(carried.get("restarts", 0)),
             seconds_lost=float(carried.get("seconds_lost", 0.0)),
-            restore_point=Restorable(resume, start))
+            restore_point=Restorable(resume, start),
+            rewind_on_engine_fault=cfg.trainer.off_policy_steps > 0,
+            on_rewind=lambda ckpt: _rewind_trainer(trainer, ckpt))
         loop = Loop(cfg, run_dir, trainer, tracker, supervisor, progress)
         return loop.run(start, resume)
     finally:
@@ -118,6 +120,15 @@ def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None
             rt.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def _rewind_trainer(trainer: Any, checkpoint: Path | None) -> None:
+    """The controller's own state at a restore point: the batches sampled ahead that the
+    checkpoint holds (none at the start of the run)."""
+    if checkpoint is not None:
+        trainer.restore_files(checkpoint)
+    else:
+        trainer.inflight = {}
 
 
 class Loop:

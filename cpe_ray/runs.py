@@ -356,12 +356,15 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def restore(learners: Any, checkpoint: Path) -> tuple[int, str | None]:
+def restore(learners: Any, checkpoint: Path, run_dir: Path | None = None
+            ) -> tuple[int, str | None]:
     """Load `checkpoint`'s full training state into `learners` (a learner group); the step
-    it was written at and its wandb run id."""
+    it was written at and its wandb run id, which only a checkpoint inside `run_dir` gives
+    (one of another run starts a wandb run of this one, rather than rewinding that run's)."""
     state = read_trainer_state(checkpoint)
     learners.load_state(str(checkpoint / STATE_DIR))
-    return int(state["step"]), state.get("wandb_run_id")
+    ours = run_dir is None or _inside(checkpoint, run_dir)
+    return int(state["step"]), state.get("wandb_run_id") if ours else None
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -405,9 +408,9 @@ def write_checkpoint(learners: Any, run_dir: Path, step: int, model_dir: str,
                      files: Mapping[str, bytes] | None = None) -> Path:
     """`checkpoints/step-<step>`: `learners` (a learner group: PPO or supervised) exports its
     model in HF format to `<model_dir>/` and its full training state to `state/`, beside
-    `trainer_state.json` (with `extra`) and `files` (name: bytes), and `manifest.json` last; all in a temporary
-    directory renamed once complete. A failure removes the temporary directory; a full disk
-    is one line saying so."""
+    `trainer_state.json` (with `extra`) and `files` (name: bytes), and `manifest.json` last;
+    all in a temporary directory renamed once complete. A failure removes the temporary
+    directory; a full disk is one line saying so."""
     root = run_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step}"
     tag = uuid.uuid4().hex[:8]

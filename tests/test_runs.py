@@ -235,3 +235,20 @@ def test_skipped_records_are_counted_and_listed(tmp_path, capsys) -> None:
     assert out[0].startswith(f"cpe-ray: data.on_bad_record=skip: skipped 4 bad record(s) of "
                              f"{data} (3 loaded): {data}:2")
     assert f"{data}:4" in out[0] and out[0].endswith("; 1 more")
+
+
+@pytest.mark.slow
+def test_wandb_resumes_the_same_run_rewound_to_the_checkpoint(tmp_path) -> None:
+    cfg = _cfg(tmp_path, "logging.wandb_mode=offline")
+    first = Tracker(cfg, tmp_path, start_step=0)
+    run_id = first.run_id
+    for step in range(4):
+        first.log(step, {"x": float(step)})
+    first.finish()
+    resumed = Tracker(cfg, tmp_path, run_id, start_step=2)
+    try:
+        assert resumed.run_id == run_id
+        assert resumed.run.starting_step == 2  # steps 2 and 3 are logged again, not dropped
+        assert _rows(tmp_path / "metrics.jsonl") == [0, 1]
+    finally:
+        resumed.finish()

@@ -119,6 +119,22 @@ def test_racing_builders_share_one_complete_result(tmp_path) -> None:
     assert (out / "weights").read_text().startswith(".model.tmp-")  # one whole winner
 
 
+def test_the_cpu_config_is_cpe_with_grpo_on_smollm2() -> None:
+    from cpe_ray.config import load_config
+    from cpe_ray.judges.grm import load_grm_templates
+    from cpe_ray.paths import CONF_DIR
+
+    cfg = load_config(CONF_DIR / "smollm2-cpu.yaml")
+    assert cfg.policy.model_path == SMOLLM2_MODEL == cfg.distill.model_path
+    assert (cfg.ppo.advantage_estimator, cfg.post_edit.strategy, cfg.post_edit.ratio) == (
+        "grpo", "random", 0.5)
+    assert cfg.trainer.rollout_batch_size * cfg.rollout.n_samples_per_prompt == 8
+    assert cfg.policy.dtype == "float32" and cfg.learner.actor_lr == 1e-5
+    template = load_grm_templates(cfg.grm)["score"]
+    assert template.source.endswith("grm_compact_en.txt")
+    assert {"persona", "question", "answer"} <= template.placeholders
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     if not HAVE_EXTRA:

@@ -6,6 +6,7 @@
 - backends: `engine.py` (a GRM on a generation engine), `endpoint.py` (an OpenAI-compatible
   endpoint and its client), `bt.py` (a Bradley-Terry scalar model), `rubric.py` (the offline
   rule-based stand-in).
+- `serve.py`: any of them served as an OpenAI-compatible endpoint (`cpe-ray serve-judge`).
 - `client.py`: the controller's view, the table of `grm.backend` values and where each runs
   (driver, driver thread, GRM actors); the one place a backend is chosen.
 

@@ -8,7 +8,9 @@ whole group is started again in its bundles, loads the newest whole checkpoint o
 the initial weights when there is none) and syncs the engines; the controller then replays
 the steps since that checkpoint without logging them again (`cpe_ray.run`). Every step is a
 pure function of (weights, seed, step), so redone work produces what the first attempt would
-have: the run ends on the weights of a run that never failed.
+have: the run ends on the weights of a run that never failed. With `trainer.off_policy_steps`
+a step spans two batches (the learner trains on one while the engines sample the next), so an
+engine fault there rewinds the learner too, and the steps since its checkpoint are replayed.
 
 `Supervisor` bounds restarts (`trainer.max_restarts`); past it, one line names the actor, the
 cause and the checkpoint to resume from. Each restart prints one line and is counted in the
@@ -65,6 +67,13 @@ class Supervisor:
     faults: list[Fault] = field(default_factory=list)  # this process's; the budget counts them
     restore_point: Restorable = field(default_factory=Restorable)
     step: int = 0  # the step in progress, for faults met inside a weight sync
+    # With trainer.off_policy_steps a step spans two batches (the learner trains on one while
+    # the engines sample the next), so no point inside it is consistent: an engine fault
+    # then also rewinds the learner to the restore point and the steps since are replayed.
+    rewind_on_engine_fault: bool = False
+    # Called with the restore point's checkpoint (None: the start) once the learner is back,
+    # to restore what the controller keeps beside the weights (batches sampled ahead).
+    on_rewind: Callable[[Path | None], None] | None = None
 
     def __post_init__(self) -> None:
         if self.rt.learner is not None:
@@ -87,15 +96,21 @@ class Supervisor:
         the step to go on from: `step` itself after an engine, the restore point's step after
         the learner. Past the budget, or for anything else, one line (raised)."""
         self._charge(err, step)
-        if self._is_engine(err.actor):
-            self._restart_engine(err.actor)
+        engine = self._is_engine(err.actor)
+        if engine:
+            self._restart_engine(err.actor, sync=not self.rewind_on_engine_fault)
+        if engine and not self.rewind_on_engine_fault:
             what, resume = f"started again in its bundle, redoing step {step + 1}", step
         else:
             resume = self._restart_learner()
             where = (f"from {self.restore_point.checkpoint.name}"
                      if self.restore_point.checkpoint is not None else "from its initial weights")
-            what = (f"learner restarted {where}, replaying steps {resume + 1}-{step}"
-                    if resume < step else f"learner restarted {where}")
+            what = "started again in its bundle; " if engine else ""
+            what += f"learner restarted {where}"
+            if resume + 1 == step:
+                what += f", replaying step {step}"
+            elif resume < step:
+                what += f", replaying steps {resume + 1}-{step}"
         self._record(Fault(step, err.actor, _cause(err), time.perf_counter() - began), what)
         return resume
 
@@ -146,6 +161,8 @@ class Supervisor:
         self.rt.manifest = self.rt.learner.connect_engines(self.rt.rollouts,
                                                            self.rt.rollout_labels)
         self.rt.learner.sync_weights()
+        if self.on_rewind is not None:
+            self.on_rewind(self.restore_point.checkpoint)
         return step
 
     def _sync_fault(self, err: RemoteError) -> None:

@@ -124,7 +124,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         group.setup()
         start, run_id = 0, None
         if resume is not None:
-            start, run_id = restore(group, resume)
+            start, run_id = restore(group, resume, run_dir)
         tracker = Tracker(cfg, run_dir, run_id, name=s.name, job_type=job.section,
                           start_step=start)
         first: dict[str, float] = {}

@@ -12,7 +12,7 @@ from cpe_ray.errors import ConfigError
 from cpe_ray.paths import CONF_DIR
 
 SECTIONS = {"run", "cluster", "policy", "rollout", "grm", "post_edit", "ppo", "learner", "data",
-            "trainer", "logging", "eval", "sft", "distill", "rm"}
+            "trainer", "logging", "eval", "sft", "distill", "rm", "serve"}
 
 
 def test_defaults_are_the_cpu_run_and_match_default_yaml() -> None:

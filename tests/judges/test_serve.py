@@ -284,3 +284,22 @@ def test_stop_returns_promptly() -> None:
     assert not thread.is_alive()
     assert lines[0].startswith("serving the offline rubric judge") and lines[-1] == (
         "stopped after 0 judgements")
+
+
+def test_a_served_grm_checkpoint_answers_as_it_does_in_process(monkeypatch) -> None:
+    """grm.backend=hf: the tiny model as a GRM on an HF engine inside the server; greedy and
+    without retries, the served text is exactly the in-process engine judge's."""
+    from cpe_ray.judges.serve import build_judge
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    gen = ["grm.backend=hf", "grm.model_path=tiny", "grm.max_retries=0",
+           "grm.max_new_tokens=12"]
+    cfg = _cfg(*gen)
+    judge, label = build_judge(cfg)
+    assert label == "the GRM tiny (hf engine)"
+    local = judge.judge(REQUESTS, "score", cfg.run.seed)
+    with JudgeServer(cfg, judge, label) as server:
+        client = _client_cfg(server, *gen[2:])
+        served = EndpointGRMJudge.from_config(client.grm).judge(REQUESTS, "score")
+    assert [o.judgement.raw for o in served] == [o.judgement.raw for o in local]
+    assert all(o.judgement.raw for o in served)  # the tiny model wrote something
