@@ -60,10 +60,6 @@ def describe_os_error(exc: OSError, doing: str, path: object = None) -> str:
     return f"{doing} {where}: {reason}".replace("  ", " ")
 
 
-def io_error(exc: OSError, doing: str, path: object = None) -> RunIOError:
-    return RunIOError(describe_os_error(exc, doing, path))
-
-
 def _on_stop(signum: int, _frame: Any) -> None:
     quiet_stop_signals()  # the cleanup that follows runs to its end
     raise Stopped(f"stopped by {STOP_SIGNALS[signal.Signals(signum)]}", 128 + signum)

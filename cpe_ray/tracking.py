@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cpe_ray.config import Config
-from cpe_ray.errors import RunIOError, describe_os_error
+from cpe_ray.errors import CpeError, RunIOError, describe_os_error
 
 SAMPLE_COLUMNS = ("step", "prompt_id", "persona", "question", "answer", "critique", "rewrite",
                   "answer_reward", "rewrite_reward", "kept")
@@ -105,7 +105,13 @@ class Tracker:
             except Exception as exc:  # an older server without rewind: continue the run
                 print(f"cpe-ray: wandb could not rewind run {run_id} to step {start_step} "
                       f"({type(exc).__name__}); continuing it as it is", flush=True)
-        return wandb.init(id=run_id, resume="allow" if run_id else None, **kwargs)
+        try:
+            return wandb.init(id=run_id, resume="allow" if run_id else None, **kwargs)
+        except Exception as exc:  # no network or key online, a full disk: one line
+            detail = " ".join(str(exc).split())[:200]
+            raise CpeError(f"wandb could not start a {cfg.logging.wandb_mode} run in "
+                           f"{self.run_dir} ({type(exc).__name__}: {detail}); fix that or set "
+                           "logging.wandb_mode=offline / disabled") from None
 
     @property
     def run_id(self) -> str | None:

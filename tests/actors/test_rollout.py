@@ -7,7 +7,7 @@ import pytest
 
 from cpe_ray.config import load_config
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]
 
 LIMIT = 200
 
