@@ -37,5 +37,5 @@ def test_placeholder_checks_name_the_template() -> None:
         tpl.check(allowed={"a", "b"}, required={"a"})
     with pytest.raises(TemplateError, match=r"x.txt lacks required placeholder\(s\) \{b\}"):
         tpl.check(allowed={"a", "b", "c"}, required={"a", "b"})
-    with pytest.raises(TemplateError, match="shipped templates: edit_en.txt, grm_en.txt"):
+    with pytest.raises(TemplateError, match="shipped templates: edit_en.txt, grm_compact_en.txt, grm_en.txt"):
         load_template("nope.txt", allowed=set())

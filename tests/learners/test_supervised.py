@@ -143,7 +143,10 @@ def test_sft_loss_falls_and_two_ranks_train_like_one(tiny) -> None:
     assert [x["train/loss"] for x in m] == pytest.approx(losses[:2], rel=1e-5)
     state = two.model_state()
     diff = torch.cat([(state[k] - after_two[k]).abs().flatten() for k in after_two])
-    assert diff.max() < 1e-5, float(diff.max())
+    # Float32 sums split over 2 ranks round differently; Adam's first steps (m / sqrt(v), about
+    # lr x sign(g)) turn that noise on near-zero gradients into up to 2.4e-5 here (tiny v2),
+    # under 1% of the 3e-3 step: 1e-4 still catches a rank that trained on other data.
+    assert diff.max() < 1e-4, float(diff.max())
     two.shutdown()
 
 
