@@ -201,12 +201,14 @@ def stage1(b: Bench, epochs: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- stage 2
 
 
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | None, float | None]:
+    """Spearman's rho and its two-sided p-value (None where either side is constant)."""
     from scipy.stats import spearmanr
 
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    return float(spearmanr(xs, ys).statistic)
+        return None, None
+    result = spearmanr(xs, ys)
+    return float(result.statistic), float(result.pvalue)
 
 
 def stage2(b: Bench, epochs: int) -> dict[str, Any]:
@@ -232,13 +234,13 @@ def stage2(b: Bench, epochs: int) -> dict[str, Any]:
     samples = read_json(run / "parse_share.json")["samples"]
     pairs = [(reward(teacher[s["key"]]["output"]), reward(s["output"])) for s in samples]
     both = [(t, m) for t, m in pairs if t is not None and m is not None]
+    rho, p_value = spearman([t for t, _ in both], [m for _, m in both])
     return {"model": summary["model"], "steps": summary["steps"],
             "judgements": len(teacher), "teacher_parsed": sum(r["parsed"] for r in
                                                                teacher.values()),
             "train_examples": summary["train_examples"],
             "parse_share": summary["parse_share"], "parse_share_n": summary["parse_share_n"],
-            "spearman": spearman([t for t, _ in both], [m for _, m in both]),
-            "spearman_n": len(both),
+            "spearman": rho, "spearman_p": p_value, "spearman_n": len(both),
             "first_train_loss": summary["first_train_loss"],
             "last_train_loss": summary["last_train_loss"], "stage_eval": summary["evaluation"],
             "heldout_examples": [{"key": s["key"], "teacher": t, "grm": m, "output": s["output"]}
@@ -306,7 +308,8 @@ def winrate(b: Bench, name: str, model: str, baseline: str | None) -> dict[str, 
     return {"model": name, "baseline": r["baseline"], "n": r["n_prompts"],
             "win_rate": m["win_rate"], "win_rate_se": m["standard_error"],
             "lc_win_rate": m["lc_win_rate"], "lc_win_rate_se": m["lc_standard_error"],
-            "lc_identified": m["lc_identified"], "wins": m["n_wins"], "losses": m["n_wins_base"],
+            "lc_identified": m["lc_identified"], "theta": m["theta"], "phi": m["phi"],
+            "C": m["C"], "wins": m["n_wins"], "losses": m["n_wins_base"],
             "draws": m["n_draws"], "length": r["mean_length"]["model"],
             "baseline_length": r["mean_length"]["baseline"],
             "reward": r.get("reward", {}).get("model_mean"),
@@ -331,13 +334,19 @@ CAVEAT = (
     "GRM, 3 days on 10 GPUs).")
 
 
+def _lc(e: dict[str, Any]) -> str:
+    note = "" if e["lc_identified"] else " (n.i.)"
+    note += " (θ = 0)" if e["theta"] == 0 else ""
+    return f"{e['lc_win_rate']:.1f} +- {e['lc_win_rate_se']:.1f}{note}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     s1, s2, bt = r["stage1"], r["stage2"], r["bt"]
     cfg = r["settings"]
     lines = [
         "# SmolLM2-135M-Instruct through the three stages and evaluation (CPU)", "",
         f"`python bench/real_model.py --steps {cfg['steps']}` on {r['machine']['cpus']} CPU "
-        f"cores shared with other work; {r['seconds'] / 60:.0f} minutes in all "
+        f"cores shared with other work; {r['seconds'] / 60:.0f} minutes of `cpe-ray` commands "
         "(`conf/smollm2-cpu.yaml`; teacher and evaluation judge: the rubric judge served by "
         "`cpe-ray serve-judge`).", "",
         "| stage | measure | value |", "| --- | --- | --- |",
@@ -347,7 +356,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"| 2 GRM ({s2['steps']} steps, {s2['train_examples']} judgements) | held-out parse "
         f"share | {s2['parse_share']:.2f} ({s2['parse_share_n']} answers) |",
         f"| 2 GRM | Spearman, its weighted reward vs the teacher's | {fmt(s2['spearman'])} "
-        f"({s2['spearman_n']} parsed answers) |",
+        f"({s2['spearman_n']} parsed answers, p = {fmt(s2['spearman_p'], '.2f')}) |",
         f"| BT ({bt['steps']} steps, {bt['train_pairs']} pairs) | held-out accuracy | "
         f"{fmt(bt['stage_eval'].get('eval/accuracy'))} |", "",
         f"Stage 3: {cfg['steps']} steps per arm from the SFT model; evaluation: "
@@ -363,23 +372,33 @@ def markdown(r: dict[str, Any]) -> str:
     if "instruct" in by_name:
         e = by_name["instruct"]
         lines.append(f"| instruct (no SFT) | - | - | - | {e['win_rate']:.1f} +- "
-                     f"{e['win_rate_se']:.1f} | {e['lc_win_rate']:.1f} +- "
-                     f"{e['lc_win_rate_se']:.1f} | {e['length']:.0f} | {fmt(e['reward'])} | - |")
+                     f"{e['win_rate_se']:.1f} | {_lc(e)} | {e['length']:.0f} | "
+                     f"{fmt(e['reward'])} | - |")
     for a in r["arms"]:
         e = by_name[a["arm"]]
         rewards = a["reward_per_step"]
         lines.append(
             f"| {a['label']} | {a['judge']} | {a['trained_samples_per_step'] * a['steps']:.0f} | "
             f"{rewards[0]:+.2f} -> {rewards[-1]:+.2f} | {e['win_rate']:.1f} +- "
-            f"{e['win_rate_se']:.1f} | {e['lc_win_rate']:.1f} +- {e['lc_win_rate_se']:.1f}"
-            f"{'' if e['lc_identified'] else ' (n.i.)'} | {e['length']:.0f} | "
+            f"{e['win_rate_se']:.1f} | {_lc(e)} | {e['length']:.0f} | "
             f"{fmt(e['reward'])} | {a['step_seconds_median']:.0f} |")
+    shrunk = [e["model"] for e in r["evals"] if e["theta"] == 0]
     lines += [
         "", "Train reward: the mean reward of the step's answers from the arm's own judge (the "
         "distilled GRM's weighted score in [-5, 5]; the BT arm's is a BT logit, another scale). "
         "Rubric reward: the evaluation judge's mean weighted score of the evaluated answers. "
         "Length: mean characters of the evaluated answers. (n.i.): the LC win rate is not "
-        "identified (one-sided length differences).", "",
+        "identified (one-sided length differences). (θ = 0): the length-controlled GLM's "
+        "cross-validated L1 penalty set the model term to zero (C = "
+        f"{', '.join(fmt(e['C'], 'g') for e in r['evals'] if e['theta'] == 0) or '-'}), so "
+        "its LC win rate is 50 by construction: at this sample size the GLM finds no "
+        "preference left once length is accounted for; read the raw win rate and the lengths"
+        f"{' (' + ', '.join(shrunk) + ')' if shrunk else ''}.", "",
+        f"The SFT model itself against the demo's generic answers "
+        f"(`data/demo/eval_baseline.jsonl`): win rate {sft['win_rate']:.1f} +- "
+        f"{sft['win_rate_se']:.1f}, lengths {sft['length']:.0f} vs "
+        f"{sft['baseline_length']:.0f} characters, rubric reward {fmt(sft['reward'])} vs "
+        f"{fmt(sft['baseline_reward'])}.", "",
         CAVEAT.format(judgements=s2["judgements"], steps=cfg["steps"],
                       prompts=cfg["prompts_per_step"], samples=", ".join(
                           f"{a['label']} {a['trained_samples_per_step'] * a['steps']:.0f}"
