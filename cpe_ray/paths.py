@@ -7,6 +7,7 @@ against the working directory first and the repository root second.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,3 +23,15 @@ def resolve_path(path: str | Path) -> Path:
         return p
     candidate = REPO_ROOT / p
     return candidate if candidate.exists() else p
+
+
+HASH_CHUNK_BYTES = 4 * 1024**2  # bounds the memory of hashing a multi-GB file
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256 hex digest, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

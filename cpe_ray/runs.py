@@ -20,7 +20,6 @@ and why; temporary directories that a crash left behind are removed when a run o
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from typing import Any
 
 from cpe_ray.config import Config, save_config
 from cpe_ray.errors import ConfigError, CpeError, RunIOError, describe_os_error
-from cpe_ray.paths import resolve_path
+from cpe_ray.paths import resolve_path, sha256_file
 
 # Set by Ray's job supervisor for a job's driver only (not by `ray start`, not in a shell).
 JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -52,7 +51,6 @@ RUN_ARTIFACTS = (METRICS_FILE, SAMPLES_FILE, "checkpoints", "wandb", "summary.js
 # A checkpoint write that fails with less than this free on its file system ran out of space
 # (DeepSpeed's torch.save then says "unexpected pos ...", not ENOSPC).
 DISK_FULL_MARGIN_BYTES = 1024**2
-HASH_CHUNK_BYTES = 4 * 1024**2
 MB = 1024**2
 CONNECT_RETRY_S = 1.0  # between attempts to reach cluster.address
 
@@ -261,13 +259,6 @@ def _files(root: Path) -> Iterator[Path]:
             yield Path(dirpath, name)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def write_manifest(ckpt: Path, step: int, checksums: bool) -> dict[str, Any]:
     """`manifest.json`: every file under `ckpt` with its size (and sha256), fsynced."""
@@ -278,7 +269,7 @@ def write_manifest(ckpt: Path, step: int, checksums: bool) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"bytes": path.stat().st_size}
         if checksums:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = sha256_file(path)
         files[rel] = entry
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     _write_json(ckpt / MANIFEST, manifest)
@@ -305,7 +296,7 @@ def verify_checkpoint(ckpt: Path, checksums: bool = True) -> str | None:
         size = path.stat().st_size
         if size != entry.get("bytes"):
             return f"{rel} is {size} bytes, the manifest says {entry.get('bytes')}"
-        if checksums and entry.get("sha256") and _sha256(path) != entry["sha256"]:
+        if checksums and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             return f"{rel} does not match its sha256 in the manifest"
     try:
         state = read_trainer_state(ckpt)

