@@ -222,6 +222,11 @@ class LearnerConfig:
     use_reference: bool = False
     critic_model_path: str | None = None  # None: initialise the critic from the policy
     gradient_checkpointing: bool = False
+    # A micro-batch runs each distinct prompt once and its rows' responses on its keys and
+    # values (learners/forward.py): the same results up to rounding, ~6x less work on the
+    # CPU default. Off: one plain forward over every row (and under gradient
+    # checkpointing, which runs without a cache, in training)
+    share_prompts: bool = True
     weight_sync_bucket_mb: float = _f(64.0, gt=0)
     weight_sync_timeout_s: float = _f(120.0, gt=0)  # a peer silent this long fails the sync
     dist_timeout_s: float = _f(600.0, gt=0)  # DeepSpeed's own group: collectives and start-up

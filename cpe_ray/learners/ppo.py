@@ -17,13 +17,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from cpe_ray.config import Config
 from cpe_ray.learners.ds_config import eval_config, train_config
+from cpe_ray.learners.forward import ResponseForward, micro_order
 from cpe_ray.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 from cpe_ray.rl import algorithms as alg
 from cpe_ray.rl.experience import Experience, pad_response, split_even
@@ -211,6 +212,10 @@ class PPOLearnerCore:
             conf = eval_config(cfg.learner, cfg.policy.dtype, world_size)
             self.ref = self._ds.initialize(model=ref, config=conf)[0] if self.zero3 else (
                 ref.to(device))
+        share = cfg.learner.share_prompts
+        self.policy_forward = ResponseForward(self.policy, share)
+        self.critic_forward, self.ref_forward = (
+            None if m is None else ResponseForward(m, share) for m in (self.critic, self.ref))
         self._sync_group: SyncGroup | None = None
 
     # --- construction -------------------------------------------------------------------
@@ -249,57 +254,47 @@ class PPOLearnerCore:
             else:
                 yield self._filler(), False
 
-    def _hidden_slice(self, exp: Experience, out: torch.Tensor) -> torch.Tensor:
-        p = exp.prompt_width
-        return out[:, p - 1 : p - 1 + exp.response_width]
-
-    def _run(self, model, exp: Experience):
-        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return model(
-            input_ids=exp.sequences,
-            attention_mask=exp.attention_mask,
-            position_ids=positions,
-            use_cache=False,
-        )
-
-    def _policy_logits(self, model, exp: Experience) -> torch.Tensor:
+    @staticmethod
+    def _policy_logits(forward: ResponseForward, exp: Experience) -> torch.Tensor:
         """Next-token logits over the responses, each row divided by its own sampling
         temperature: a rewrite sampled at post_edit.temperature is scored at that temperature
         (its old log-probs and its training forward), an answer at rollout.temperature."""
-        return scale_by_row_temperature(self._hidden_slice(exp, self._run(model, exp).logits),
-                                        exp)
+        return scale_by_row_temperature(forward(exp), exp)
 
     def _values(self, exp: Experience) -> torch.Tensor:
-        return self._hidden_slice(exp, self._run(self.critic, exp).logits[..., 0]).float()
+        return self.critic_forward(exp)[..., 0].float()
 
     @torch.no_grad()
     def _per_row(self, exp: Experience, num_micro: int, fn) -> torch.Tensor:
+        """`fn` over micro-batches that keep a prompt's rows together, in `exp`'s row order."""
         width, outs = exp.response_width, []
-        for micro, real in self._micro_batches(exp, num_micro):
+        order = micro_order(exp)
+        for micro, real in self._micro_batches(exp.select(order), num_micro):
             small, _, _ = micro.to(self.device).trimmed()
             result = fn(small)
             if real:
                 outs.append(pad_response(result.float().cpu(), width))
-        return torch.cat(outs) if outs else torch.zeros(0, width)
+        if not outs:
+            return torch.zeros(0, width)
+        return torch.cat(outs)[torch.argsort(order)]
 
     def compute_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         self.policy.eval()
         return self._per_row(exp, num_micro, lambda m: alg.logprobs_from_logits(
-            self._policy_logits(self.policy, m), m.responses))
+            self._policy_logits(self.policy_forward, m), m.responses))
 
     @torch.no_grad()
     def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """Raw logits after each prompt, [B, V] (every rank must call under ZeRO-3)."""
         self.policy.eval()
         exp = Experience.from_tokens(prompts, [[self.pad_id]] * len(prompts), self.pad_id)
-        exp = exp.to(self.device)
-        return self._hidden_slice(exp, self._run(self.policy, exp).logits)[:, 0].float().cpu()
+        return self.policy_forward(exp.to(self.device))[:, 0].float().cpu()
 
     def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.ref is None:
             raise RuntimeError("learner.use_reference is off: no reference model")
         return self._per_row(exp, num_micro, lambda m: alg.logprobs_from_logits(
-            self._policy_logits(self.ref, m), m.responses))
+            self._policy_logits(self.ref_forward, m), m.responses))
 
     def compute_values(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.critic is None:
@@ -318,6 +313,10 @@ class PPOLearnerCore:
         """One optimiser step of the policy (and critic) per shard; returns weighted sums."""
         sums = MetricSums()
         for shard in shards:
+            # a prompt's rows side by side: micro-batches share its forward (the row order
+            # within an optimiser step changes nothing but rounding)
+            shard = replace(shard, experience=shard.experience.select(
+                micro_order(shard.experience)))
             self._policy_step(shard, sums)
             if self.critic is not None:
                 self._critic_step(shard, sums)
@@ -332,7 +331,7 @@ class PPOLearnerCore:
             m, _, _ = micro.to(self.device).trimmed()
             if not real:
                 m = self._zero_targets(m)
-            logits = self._policy_logits(self.policy, m)
+            logits = self._policy_logits(self.policy_forward, m)
             logp = alg.logprobs_from_logits(logits, m.responses)
             loss, stats = alg.cpe_policy_loss(
                 logp, m.old_logprobs, m.edit_logprobs, m.advantages, m.response_mask,

@@ -78,6 +78,19 @@ class PromptFits:
 
 
 @dataclass
+class Update:
+    """One step's update in flight: its batch with advantages, and the learner's pending
+    result (set when it is submitted, which for a stale batch is inside a pipeline)."""
+
+    exp: Experience
+    staleness: int  # steps between the weights that sampled the originals and the learner's
+    seconds: dict[str, float]
+    off_policy: dict[str, float] = field(default_factory=dict)
+    training: Pending | None = None
+    submitted: float = 0.0  # perf_counter when the update was submitted
+
+
+@dataclass
 class Samples:
     """One step's generated and judged samples, indexed by answer (prompt-major)."""
 
@@ -209,69 +222,120 @@ class Trainer:
     def step(self, step: int, batch: list[PromptRecord]) -> dict[str, float]:
         cfg = self.cfg
         start = time.perf_counter()
-        seed = derive_seed(cfg.run.seed, step)
         timeout = cfg.learner.dist_timeout_s
-        originals: dict[str, torch.Tensor] = {}
+        ahead = cfg.trainer.off_policy_steps and step + 1 < self.steps_of_data()
         s = self.inflight.pop(step, None)  # sampled during the previous step's update
-        staleness = 0 if s is None else cfg.trainer.off_policy_steps
         if s is None:
+            s, update = self._fresh_update(step, batch)
+            if ahead:
+                t = time.perf_counter()
+                self.inflight[step + 1] = self._sample_ahead(step + 1, Pipeline(timeout))
+                update.seconds["generate_next"] = time.perf_counter() - t
+        else:
+            # The learner's weights now are the proximal policy of this update: its forward
+            # over the stale batch runs while the engines, already synced, start the next one
             pipe = Pipeline(timeout)
-
-            def forward_originals(prompt_ids, answers) -> None:  # while rewrites are generated
-                exp = self._experience(prompt_ids, answers, [])
-                for name, pending in self._submit_forward(exp).items():
-                    pipe.then(pending, "learner_forward",
-                              lambda value, key=name: originals.__setitem__(key, value))
-
-            s = self.collect(batch, seed, pipe, forward_originals)
-        else:  # the learner's weights now are the proximal policy of this update
-            t = time.perf_counter()
-            exp0 = self._experience(s.prompt_ids, s.answers, [])
-            originals = {k: p.wait(timeout) for k, p in self._submit_forward(exp0).items()}
-            s.seconds["learner_forward"] = time.perf_counter() - t
-        kept = [s.rewrites[k] for k in s.kept]
-        exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
-        seconds = dict(s.seconds)
-        t = time.perf_counter()
-        fields = self._with_rewrites(exp, originals, s.prompt_ids, kept)
-        seconds["learner_forward_rewrites"] = time.perf_counter() - t
-        scores = torch.tensor([a.reward for a in s.answers + kept], dtype=torch.float32)
-        groups = torch.tensor([a.prompt for a in s.answers + kept])
-        exp = self.advantages(exp, fields, scores, groups)
-        off_policy: dict[str, float] = {}
-        if cfg.trainer.off_policy_steps:
-            exp, off_policy = self._correct_staleness(exp, s.answers, staleness)
-        t = time.perf_counter()
-        training = self.rt.learner.submit_train(exp, num_mini_batches(cfg, len(exp)), seed)
-        if cfg.trainer.off_policy_steps and step + 1 < self.steps_of_data():
-            # 3.1-3.6 of the next batch on the engines' current weights, while the learner
-            # trains; its weights reach the engines only after both are done. The schedule
-            # ignores trainer.max_steps, so a run stopped there and resumed with a higher one
-            # trains what an unbroken run would (at the cost of one batch sampled in vain)
-            nxt = step + 1
-            self.inflight[nxt] = self.collect(self.batch_for(nxt), derive_seed(cfg.run.seed, nxt),
-                                              Pipeline(timeout), lambda *_: None)
-            seconds["generate_next"] = time.perf_counter() - t
-        train_metrics = training.wait(timeout)
-        seconds["train"] = time.perf_counter() - t
+            update = self._stale_update(step, s, pipe)
+            if ahead:
+                t = time.perf_counter()
+                nxt = self._sample_ahead(step + 1, pipe)
+                update.seconds["generate_next"] = time.perf_counter() - t
+                update.seconds["learner_forward"] = nxt.seconds.pop("learner_forward")
+                self.inflight[step + 1] = nxt
+            else:
+                pipe.run()
+                update.seconds["learner_forward"] = pipe.spans()["learner_forward"]
+        train_metrics = update.training.wait(timeout)
+        seconds = update.seconds
+        seconds["train"] = time.perf_counter() - update.submitted
         t = time.perf_counter()
         sync = self.rt.learner.sync_weights()
         seconds["weight_sync"] = time.perf_counter() - t
         seconds["step"] = time.perf_counter() - start
+        exp = update.exp
         metrics = dict(train_metrics)
         if exp.ref_logprobs is not None:  # how far the policy is from the reference
             kl = alg.kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.ppo.kl_estimator,
                                  exp.response_mask)
             metrics["policy/ref_kl"] = float(alg.masked_mean(kl, exp.response_mask))
-        if not staleness:  # stale answers differ by a step of training, not by noise
-            metrics["rollout/logprob_diff"] = logprob_diff(s.answers, fields["old_logprobs"])
-        metrics.update(off_policy)
+        if not update.staleness:  # stale answers differ by a step of training, not by noise
+            metrics["rollout/logprob_diff"] = logprob_diff(s.answers, exp.old_logprobs)
+        metrics.update(update.off_policy)
         metrics.update(self._reward_metrics(s))
         metrics.update(self._prompt_fit_metrics(s))
         metrics.update({f"time/{k}": v for k, v in seconds.items()})
         metrics.update({"sync/seconds": sync.seconds, "sync/bytes": float(sync.bytes)})
         self._last_samples = self._samples(step, batch, s)
         return metrics
+
+    def _fresh_update(self, step: int, batch: list[PromptRecord]) -> tuple[Samples, Update]:
+        """3.1-3.6 on the engines' current weights, the learner's forward of the originals
+        overlapping the rewrites; then the update is started (not waited for)."""
+        pipe = Pipeline(self.cfg.learner.dist_timeout_s)
+        originals: dict[str, torch.Tensor] = {}
+
+        def forward_originals(prompt_ids, answers) -> None:  # while rewrites are generated
+            exp = self._experience(prompt_ids, answers, [])
+            for name, pending in self._submit_forward(exp).items():
+                pipe.then(pending, "learner_forward",
+                          lambda value, key=name: originals.__setitem__(key, value))
+
+        s = self.collect(batch, derive_seed(self.cfg.run.seed, step), pipe, forward_originals)
+        kept = [s.rewrites[k] for k in s.kept]
+        exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
+        t = time.perf_counter()
+        fields = self._with_rewrites(exp, originals, s.prompt_ids, kept)
+        seconds = dict(s.seconds) | {"learner_forward_rewrites": time.perf_counter() - t}
+        return s, self._submit_update(step, s, exp, fields, 0, seconds)
+
+    def _stale_update(self, step: int, s: Samples, pipe: Pipeline) -> Update:
+        """A batch sampled ahead: one learner forward over it (originals and kept rewrites)
+        registered on `pipe`; the update is submitted from its callback, so it starts as soon
+        as the forward is in, whatever else `pipe` is running. Fill `update.seconds
+        ["learner_forward"]` from the pipe's spans once it has run."""
+        kept = [s.rewrites[k] for k in s.kept]
+        exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
+        pending = self._submit_forward(exp)
+        fields: dict[str, torch.Tensor] = {}
+        update = Update(exp, self.cfg.trainer.off_policy_steps, dict(s.seconds))
+
+        def forwarded(name: str, value: torch.Tensor) -> None:
+            fields[name] = value
+            if len(fields) == len(pending):
+                self._submit_update(step, s, exp, fields, update.staleness, update.seconds,
+                                    into=update)
+
+        for name, p in pending.items():
+            pipe.then(p, "learner_forward", lambda value, key=name: forwarded(key, value))
+        return update
+
+    def _submit_update(self, step: int, s: Samples, exp: Experience,
+                       fields: dict[str, torch.Tensor], staleness: int,
+                       seconds: dict[str, float], into: Update | None = None) -> Update:
+        """3.7: advantages (and the staleness correction), then the learner's update, started
+        on the learner and returned un-waited in `into` (or a new `Update`)."""
+        cfg = self.cfg
+        kept = [s.rewrites[k] for k in s.kept]
+        scores = torch.tensor([a.reward for a in s.answers + kept], dtype=torch.float32)
+        groups = torch.tensor([a.prompt for a in s.answers + kept])
+        exp = self.advantages(exp, fields, scores, groups)
+        off_policy: dict[str, float] = {}
+        if cfg.trainer.off_policy_steps:
+            exp, off_policy = self._correct_staleness(exp, s.answers, staleness)
+        update = into if into is not None else Update(exp, staleness, seconds)
+        update.exp, update.off_policy = exp, off_policy
+        update.submitted = time.perf_counter()
+        update.training = self.rt.learner.submit_train(
+            exp, num_mini_batches(cfg, len(exp)), derive_seed(cfg.run.seed, step))
+        return update
+
+    def _sample_ahead(self, step: int, pipe: Pipeline) -> Samples:
+        """3.1-3.6 of batch `step` on the engines' current weights, while the learner trains;
+        its weights reach the engines only after both are done. The schedule ignores
+        trainer.max_steps, so a run stopped there and resumed with a higher one trains what
+        an unbroken run would (at the cost of one batch sampled in vain)."""
+        return self.collect(self.batch_for(step), derive_seed(self.cfg.run.seed, step), pipe,
+                            lambda *_: None)
 
     def _experience(self, prompt_ids: list[list[int]], answers: list[Answer],
                     rewrites: list[Answer]) -> Experience:
