@@ -5,11 +5,14 @@ Run by hand: `python bench/async.py [--steps 16] [--seeds 3]` writes
 
 For each seed, the CPU default (`cpe-ray train`'s embedded configuration) runs `--steps` steps
 with `trainer.off_policy_steps=0` and then with `1`, one run after the other, the same
-prompts and seeds. Seconds per step = (T(10 steps) - T(2 steps)) / 8 from each step's
-`time/step` (start-up and the first steps' warm-up excluded); the speed-up is the ratio of
-the two modes' medians over seeds, from this one run. The reward curves (mean weighted reward
-of the originals per step) are compared by the last `--window` steps' mean per mode, against
-the spread (standard deviation) of that mean over seeds.
+prompts and seeds. Seconds per step = (T(10 steps) - T(2 steps)) / 8, T(k) being the wall
+clock when step k is logged (`time/elapsed`: start-up and the first steps' warm-up
+excluded); the speed-up is the ratio of the two modes' medians over seeds, from this one
+run. Each run also records its median seconds per phase (`time/*`) over those steps, which
+show where a step goes: on the learner (`learner_forward`, `train`) or on the engines. The
+reward curves (mean weighted reward of the originals per step) are compared by the last
+`--window` steps' mean per mode, against the spread (standard deviation) of that mean over
+seeds.
 """
 
 from __future__ import annotations
@@ -40,8 +43,15 @@ def run(mode: int, seed: int, steps: int, out: Path) -> list[dict]:
 
 
 def seconds_per_step(metrics: list[dict]) -> float:
-    spans = [m["time/step"] for m in metrics[SPEED_FROM:SPEED_TO]]
-    return sum(spans) / len(spans)
+    """(T(10) - T(2)) / 8: metrics[k - 1] is step k's line."""
+    elapsed = [m["time/elapsed"] for m in metrics]
+    return (elapsed[SPEED_TO - 1] - elapsed[SPEED_FROM - 1]) / (SPEED_TO - SPEED_FROM)
+
+
+def phase_medians(metrics: list[dict]) -> dict[str, float]:
+    window = metrics[SPEED_FROM:SPEED_TO]
+    keys = sorted({k for m in window for k in m if k.startswith("time/") and k != "time/elapsed"})
+    return {k[5:]: statistics.median(m.get(k, 0.0) for m in window) for k in keys}
 
 
 def main() -> None:
@@ -62,6 +72,7 @@ def main() -> None:
                 runs[str(mode)].append({
                     "seed": seed,
                     "seconds_per_step": seconds_per_step(metrics),
+                    "phase_seconds_median": phase_medians(metrics),
                     "reward": [m["reward/original/weighted"] for m in metrics],
                     "final": statistics.mean(m["reward/original/weighted"]
                                              for m in metrics[-args.window:]),

@@ -107,3 +107,26 @@ def stop_token_ids(tokenizer: Any, model_path: str) -> tuple[int, ...]:
     if gen_eos is not None:
         ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
     return tuple(sorted(ids))
+
+
+def last_token_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits after each left-padded prompt, [B, V] float32 on the CPU: the engine and the
+    learner both score with this one call (the head on the last position only), so equal
+    weights give bit-equal logits. `model` may be a DeepSpeed engine around the model."""
+    keep = accepts(model, "logits_to_keep")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                **({"logits_to_keep": 1} if keep else {}))
+    return out.logits[:, -1].float().cpu()
+
+
+def unwrap(model: Any) -> Any:
+    """The Hugging Face module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def accepts(model: Any, argument: str) -> bool:
+    """Whether the model's forward takes `argument` (`logits_to_keep`, `past_key_values`)."""
+    import inspect
+
+    return argument in inspect.signature(unwrap(model).forward).parameters

@@ -23,6 +23,7 @@ from cpe_ray.engines.base import (
     SamplingParams,
 )
 from cpe_ray.models import (
+    last_token_logits,
     load_causal_lm,
     load_tokenizer,
     pick_device,
@@ -160,10 +161,8 @@ class HFEngine:
     @torch.no_grad()
     def next_token_logits(self, prompt_token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Raw logits after each prompt, [B, V] on the CPU: for checks against the learner."""
-        ids, mask, positions = self._left_padded(prompt_token_ids)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=False)
-        return out.logits[:, -1].float().cpu()
+        ids, mask, _ = self._left_padded(prompt_token_ids)
+        return last_token_logits(self.model, ids, mask)
 
     def _left_padded(self, prompts: Sequence[Sequence[int]]):
         """(ids, attention mask, position ids) on the engine's device, prompts left-padded."""

@@ -21,12 +21,12 @@ normalised by the step's token count.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from cpe_ray.models import accepts, unwrap
 from cpe_ray.rl.experience import Experience
 
 
@@ -62,15 +62,6 @@ def micro_order(exp: Experience) -> Tensor:
     (groups in first-seen order, rows in their order within a group)."""
     index = prompt_groups(exp).index
     return torch.sort(index, stable=True).indices
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face module inside a DeepSpeed engine (or the module itself)."""
-    return getattr(model, "module", model)
-
-
-def accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(unwrap(model).forward).parameters
 
 
 class ResponseForward:

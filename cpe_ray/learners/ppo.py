@@ -25,7 +25,13 @@ import torch
 from cpe_ray.config import Config
 from cpe_ray.learners.ds_config import eval_config, train_config
 from cpe_ray.learners.forward import ResponseForward, micro_order
-from cpe_ray.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
+from cpe_ray.models import (
+    last_token_logits,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    torch_dtype,
+)
 from cpe_ray.rl import algorithms as alg
 from cpe_ray.rl.experience import Experience, pad_response, split_even
 from cpe_ray.runtime.weight_sync import (
@@ -288,7 +294,9 @@ class PPOLearnerCore:
         """Raw logits after each prompt, [B, V] (every rank must call under ZeRO-3)."""
         self.policy.eval()
         exp = Experience.from_tokens(prompts, [[self.pad_id]] * len(prompts), self.pad_id)
-        return self.policy_forward(exp.to(self.device))[:, 0].float().cpu()
+        p = exp.prompt_width
+        return last_token_logits(self.policy, exp.sequences[:, :p].to(self.device),
+                                 exp.attention_mask[:, :p].to(self.device))
 
     def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.ref is None:

@@ -111,6 +111,7 @@ class Trainer:
         # Batches sampled ahead of their step (trainer.off_policy_steps), by step; a
         # checkpoint carries them so a resume trains exactly what an unbroken run would
         self.inflight: dict[int, Samples] = {}
+        self.built = time.perf_counter()
         self.pad_id = wait_all([runtime.rollouts[0].pad_token_id.remote()],
                                runtime.rollout_labels[:1], cfg.learner.dist_timeout_s,
                                "tokenizer")[0]
@@ -485,6 +486,9 @@ class Trainer:
                 ) -> dict[str, float]:
         """Run and log one step (with `extra()`'s metrics: the run's fault counters)."""
         metrics = self.step(step, self.batch_for(step))
+        # wall clock since this process's trainer was built: (T(10) - T(2)) / 8 is the wall
+        # seconds a step, whatever overlaps whatever
+        metrics["time/elapsed"] = time.perf_counter() - self.built
         if extra is not None:
             metrics.update(extra())
         self.tracker.log(step, metrics)
@@ -560,6 +564,6 @@ def step_summary(step: int, total: int, metrics: dict[str, float]) -> str:
     if "reward/rewrite/weighted" in metrics:
         reward += f" (rewrites {metrics['reward/rewrite/weighted']:+.3f})"
     phases = ", ".join(f"{k[5:]} {v:.1f}s" for k, v in metrics.items()
-                       if k.startswith("time/") and k != "time/step")
+                       if k.startswith("time/") and k not in ("time/step", "time/elapsed"))
     return (f"step {step + 1}/{total}  {reward}  {metrics.get('time/step', 0.0):.1f}s "
             f"[{phases}]")

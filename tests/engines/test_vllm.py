@@ -540,3 +540,41 @@ def test_cpe_ray_train_on_vllm_engines(tmp_path) -> None:
     moved = max((a - b).abs().max().item() for a, b in zip(
         trained.parameters(), start.parameters(), strict=True))
     assert moved > 10 * LEARNER_VS_VLLM_ATOL
+
+
+@pytest.mark.slow
+def test_off_policy_on_vllm_judged_by_an_endpoint_in_chunks(tmp_path) -> None:
+    """trainer.off_policy_steps=1 on vLLM engines, judged by an OpenAI-compatible endpoint,
+    two chunks an engine: batch t+1 is sampled and judged while batch t trains, so 3 steps
+    judge 4 batches (the one past max_steps in vain, the price of an exact resume)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from tests.evaluation_server import ChatServer, grm_policy
+
+    pytest.importorskip("vllm")
+    key_env, key = "CPE_RAY_TEST_GRM_KEY", "grm-key-7"
+    with ChatServer(grm_policy, key) as server:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cpe_ray", "train", "rollout.backend=vllm",
+             "grm.backend=openai", f"grm.api.base_url={server.base_url}", "grm.api.model=grm",
+             f"grm.api.api_key_env={key_env}", "trainer.off_policy_steps=1",
+             "trainer.chunks_per_engine=2", "trainer.max_steps=3",
+             "trainer.rollout_batch_size=4", "rollout.n_samples_per_prompt=2",
+             "ppo.mini_batch_size=2", "rollout.max_new_tokens=8", "post_edit.max_new_tokens=8",
+             "cluster.cpus_per_bundle=0.5", "logging.wandb_mode=disabled",
+             f"run.output_dir={tmp_path}"],
+            capture_output=True, text=True, timeout=600, env=os.environ | {key_env: key})
+        bodies = list(server.bodies)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "cpe-tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["off_policy/staleness"] for m in lines] == [0.0, 1.0, 1.0]
+    assert 0 <= lines[0]["rollout/logprob_diff"] < LEARNER_VS_VLLM_ATOL
+    for m in lines[1:]:  # answers a step of training old: weights near 1
+        assert "rollout/logprob_diff" not in m
+        assert 0.5 < m["off_policy/weight_mean"] < 2.0 and m["grm/parse_failures"] == 0
+    # a batch: 8 answers scored, 4 critiqued (ratio 0.5, drawn first), 4 rewrites scored
+    assert Counter(b["temperature"] for b in bodies) == {0.0: 4 * 12, 0.9: 4 * 4}
