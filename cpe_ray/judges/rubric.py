@@ -3,7 +3,10 @@
 It scores the three rubric dimensions from what is visible in the text and writes a
 critique naming what to change, in the GRM's tagged format so the same parser reads it:
 - personalization: 0 for a generic answer, plus points per persona content word the answer
-  uses, minus the rubric's deduction for announcing it ("considering your background");
+  uses, minus the rubric's deductions for announcing it ("considering your background") and
+  for calling the user by name (method.md 2). Of a 'Key: value' persona (`render_persona`)
+  only the values count: labels ("Demographics", "Hobbies") say nothing about the user, and
+  the name is what the rubric asks an answer not to use;
 - helpfulness: 0 plus points per question content word the answer addresses;
 - naturalness: how fluent the text is (the share of its words that are distinct, times the
   share of its whitespace-separated chunks that are words at all), minus repeated bigrams;
@@ -39,6 +42,10 @@ STOPWORDS = frozenset((
 MIN_CONTENT_LEN = 4  # shorter words are too generic to count as persona or question terms
 ANNOUNCE = re.compile(r"(considering|given|based on) your (background|persona|profile)")
 ANNOUNCE_PENALTY = 2.0  # the rubric's deduction for announcing the personalization
+NAME_PENALTY = 1.0  # the rubric's deduction for calling the user by name
+# A rendered persona's 'Key: value' line; a key is one to three words ("Name", "Age")
+PERSONA_FIELD = re.compile(r"^\s*([A-Za-z]+(?: [A-Za-z]+){0,2}):(.*)$")
+NAME_FIELD = "name"
 POINTS_PER_TERM = 2.0  # each distinct persona / question term used raises the score this much
 NEUTRAL = 0.0  # helpfulness and personalization of an answer that uses no term at all
 SHOWN_TERMS = 3  # terms named in a critique
@@ -47,6 +54,23 @@ SHOWN_TERMS = 3  # terms named in a critique
 def content_words(text: str) -> list[str]:
     return [w for w in WORD.findall(text.lower())
             if len(w) >= MIN_CONTENT_LEN and w not in STOPWORDS]
+
+
+def persona_terms(persona: str) -> tuple[list[str], set[str]]:
+    """(content words an answer may draw on, the user's name words) of a persona: of
+    'Key: value' lines the values only, the Name line's words being the name; free text
+    whole."""
+    terms: list[str] = []
+    name: set[str] = set()
+    for line in persona.splitlines():
+        field = PERSONA_FIELD.match(line)
+        if field is None:
+            terms += content_words(line)
+        elif field.group(1).lower() == NAME_FIELD:
+            name.update(WORD.findall(field.group(2).lower()))
+        else:
+            terms += content_words(field.group(2))
+    return [t for t in dict.fromkeys(terms) if t not in name], name
 
 
 def _points(hits: int, hi: float) -> float:
@@ -84,9 +108,9 @@ class RubricJudge:
         """The judgement as GRM-format text: <critique>...</critique><scores>...</scores>."""
         words = WORD.findall(req.answer.lower())
         used = set(content_words(req.answer))
-        persona_terms = list(dict.fromkeys(content_words(req.persona)))
+        p_terms, name = persona_terms(req.persona)
         question_terms = list(dict.fromkeys(content_words(req.question)))
-        p_hits = [t for t in persona_terms if t in used]
+        p_hits = [t for t in p_terms if t in used]
         q_hits = [t for t in question_terms if t in used]
         notes: list[str] = []
 
@@ -94,7 +118,10 @@ class RubricJudge:
         if ANNOUNCE.search(req.answer.lower()):
             personalization -= ANNOUNCE_PENALTY
             notes.append("Do not announce that you considered the user's background; show it.")
-        missing_p = [t for t in persona_terms if t not in used][:SHOWN_TERMS]
+        if name & set(words):
+            personalization -= NAME_PENALTY
+            notes.append("Do not call the user by name.")
+        missing_p = [t for t in p_terms if t not in used][:SHOWN_TERMS]
         if missing_p and personalization < self.hi:
             notes.append("Tie the answer to the user: draw on " + ", ".join(missing_p) + ".")
 

@@ -97,3 +97,28 @@ def test_reward_orders_answers_and_bad_mode_is_rejected() -> None:
     assert rewards[1] > rewards[0]
     with pytest.raises(ValueError, match="judge mode"):
         judge.judge(reqs, "rank")
+
+
+def test_a_structured_persona_counts_its_values_and_not_the_name_or_labels() -> None:
+    """A 'Key: value' persona (as `render_persona` writes it): labels say nothing about the
+    user, and the rubric deducts a point for calling the user by name (method.md 2)."""
+    from cpe_ray.chat import render_persona
+    from cpe_ray.judges.rubric import persona_terms
+
+    persona = render_persona({"Name": "Lukas Becker",
+                              "Demographics": {"Age": 27, "Occupation": "Backend engineer"},
+                              "Personality": {"Hobbies": ["bouldering", "keyboards"]}})
+    terms, name = persona_terms(persona)
+    assert terms == ["backend", "engineer", "bouldering", "keyboards"] and name == {
+        "lukas", "becker"}
+    judge = _judge()
+    plain, named = judge.judge([
+        JudgeRequest(persona, QUESTION, "Cook a quick dinner after bouldering."),
+        JudgeRequest(persona, QUESTION, "Lukas, cook a quick dinner after bouldering.")],
+        "critique")
+    # one persona term (bouldering): 0 + 2; by name: 1 point off
+    assert plain.judgement.scores["personalization"] == 2.0
+    assert named.judgement.scores["personalization"] == 1.0
+    assert "Do not call the user by name." in named.judgement.critique
+    assert "draw on backend, engineer, keyboards." in plain.judgement.critique
+    assert "name" not in plain.judgement.critique.lower()
