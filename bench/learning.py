@@ -92,7 +92,7 @@ def main() -> None:
     step_s = {name: statistics.median(m["time/step"] for m in ms[1:])
               for name, ms in (("cpe", cpe), ("ppo", ppo))}
     phases = {name: {k[5:]: statistics.median(m[k] for m in ms[1:])
-                     for k in ms[-1] if k.startswith("time/")}
+                     for k in ms[-1] if k.startswith("time/") and k != "time/elapsed"}
               for name, ms in (("cpe", cpe), ("ppo", ppo))}
     kept = statistics.mean(m["post_edit/kept_fraction"] for m in cpe)  # per answer
     result = {
