@@ -84,7 +84,7 @@ def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_
     cfg, rt = runtime_for(*MIXED_T)
     trainer = _trainer(cfg, rt, tmp_path)
     batch = trainer.batch_for(0)
-    s = trainer.collect(batch, 7, Pipeline(60), lambda *args: None)
+    s = trainer.sampler.collect(batch, 7, Pipeline(60), lambda *args: None)
     kept = [s.rewrites[k] for k in s.kept]
     assert kept
     whole = trainer._experience(s.prompt_ids, s.answers, kept)
@@ -279,3 +279,27 @@ def test_off_policy_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
     for m in lines[1:]:  # a step of training apart: weights near 1, none cut at the cap
         assert 0.5 < m["off_policy/weight_mean"] < 2.0 and m["off_policy/weight_clipped_frac"] < 0.5
     assert "rollout/logprob_diff" in lines[0] and "rollout/logprob_diff" not in lines[1]
+
+
+def test_a_batch_in_flight_pickled_before_sampling_split_off_still_loads(monkeypatch,
+                                                                         tmp_path) -> None:
+    """inflight.pkl of an older checkpoint names cpe_ray.rl.trainer.{Samples,Answer,...}."""
+    import pickle
+
+    from cpe_ray.engines.base import Completion
+    from cpe_ray.rl import sampling
+    from cpe_ray.rl.trainer import Trainer
+
+    answer = sampling.Answer(0, Completion(0, 0, [5, 6], [-0.5, -0.25], "hi", "stop"))
+    for cls in (sampling.Samples, sampling.Answer, sampling.PromptFits):
+        monkeypatch.setattr(cls, "__module__", "cpe_ray.rl.trainer")
+    old = pickle.dumps({3: sampling.Samples([[1, 2]], [answer], {}, {}, [], {"generate": 0.5},
+                                             sampling.PromptFits(cut_left=1))})
+    monkeypatch.undo()
+    assert b"cpe_ray.rl.trainer" in old and b"cpe_ray.rl.sampling" not in old
+    trainer = Trainer.__new__(Trainer)  # restore_files needs no runtime
+    (tmp_path / "inflight.pkl").write_bytes(old)
+    trainer.restore_files(tmp_path)
+    got = trainer.inflight[3]
+    assert isinstance(got, sampling.Samples) and got.prompt_fits.cut_left == 1
+    assert got.answers[0].completion.logprobs == [-0.5, -0.25]
