@@ -303,3 +303,46 @@ def test_a_batch_in_flight_pickled_before_sampling_split_off_still_loads(monkeyp
     got = trainer.inflight[3]
     assert isinstance(got, sampling.Samples) and got.prompt_fits.cut_left == 1
     assert got.answers[0].completion.logprobs == [-0.5, -0.25]
+
+
+def test_stale_originals_loss_is_behaviour_weighted_rewrites_are_not() -> None:
+    """The one-step off-policy loss on hand-computed numbers, through the trainer's staleness
+    correction and the learner's loss: an original's token advantage times
+    w = min(pi_prox / pi_behav, cap) inside PPO's clip; a rewrite keeps its ratio against
+    log pi_e and no w."""
+    import math
+
+    from cpe_ray.engines.base import Completion
+    from cpe_ray.rl import algorithms as alg
+    from cpe_ray.rl.experience import Experience
+    from cpe_ray.rl.sampling import Answer
+    from cpe_ray.rl.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # _correct_staleness reads only the config
+    trainer.cfg = load_config(None, ["trainer.off_policy_steps=1",
+                                     "trainer.behaviour_weight_cap=2.0"])
+    behaviour = [-1.0, -2.0, -3.0]  # the engine's log-probs when it sampled the answer
+    answer = Answer(0, Completion(0, 0, [5, 6, 7], behaviour, "abc", "stop"))
+    exp = Experience.from_tokens([[1, 2], [1, 2]], [[5, 6, 7], [8]], 0,
+                                 is_edited=[False, True], edit_logprobs=[[], [-1.0]])
+    proximal = torch.tensor([[-0.5, -2.5, -1.0], [-1.2, 0.0, 0.0]])  # the learner's, now
+    exp = exp.with_fields(old_logprobs=proximal,
+                          advantages=torch.tensor([[1.0, 1.0, -1.0], [2.0, 0.0, 0.0]]))
+    fixed, metrics = trainer._correct_staleness(exp, [answer], staleness=1)
+    w = [math.exp(0.5), math.exp(-0.5), 2.0]  # exp(2.0) = 7.39 is cut to the cap
+    torch.testing.assert_close(fixed.advantages, torch.tensor([[w[0], w[1], -w[2]],
+                                                               [2.0, 0.0, 0.0]]))
+    assert metrics["off_policy/staleness"] == 1.0
+    assert metrics["off_policy/weight_mean"] == pytest.approx(
+        (math.exp(0.5) + math.exp(-0.5) + math.exp(2.0)) / 3)
+    assert metrics["off_policy/weight_clipped_frac"] == pytest.approx(1 / 3)
+
+    logp = torch.tensor([[-0.2, -2.5, -1.5], [-0.9, 0.0, 0.0]])  # the policy being trained
+    loss, _ = alg.cpe_policy_loss(logp, fixed.old_logprobs, fixed.edit_logprobs,
+                                  fixed.advantages, fixed.response_mask, fixed.is_edited,
+                                  0.2, 0.2, 0.2, 0.2)
+    # original: r = exp(0.3) = 1.35 -> clipped 1.2; r = 1; r = exp(-0.5) = 0.61 with A < 0:
+    # min(0.61 * -2, 0.8 * -2) = -1.6. Rewrite: exp(-0.9) / (exp(-1.0) + 1e-6) = 1.105.
+    rewrite_ratio = math.exp(-0.9) / (math.exp(-1.0) + 1e-6)
+    terms = [1.2 * w[0], 1.0 * w[1], 0.8 * -w[2], rewrite_ratio * 2.0]
+    assert float(loss) == pytest.approx(-sum(terms) / 4, abs=1e-6)
