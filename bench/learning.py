@@ -2,11 +2,13 @@
 
 Run by hand: `python bench/learning.py [--epochs 3] [--out bench/results/learning.json]`.
 
-Two runs of `cpe-ray train` on the CPU default (tiny model, rubric judge, demo data), one
+Three runs of `cpe-ray train` on the CPU default (tiny model, rubric judge, demo data), one
 after the other in this process, at the same number of trained samples per prompt
 (method.md 4):
 - cpe: the default, 4 answers + 2 kept rewrites per prompt (random selection at 0.5);
-- ppo: post-edit off, 6 answers per prompt.
+- ppo: post-edit off, 6 answers per prompt;
+- cpe_off1: cpe one step off-policy (`trainer.off_policy_steps=1`): does the stale mode
+  learn as the synchronous one does, over the whole run?
 Learning: the mean weighted reward of the originals over the first and the last `--window`
 steps of each run, their difference and its standard error (Welch). Cost: the median step
 time of cpe over that of ppo, first step excluded (start-up). Writes JSON and a PNG of the
@@ -81,19 +83,20 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cpe_overrides = [f"rollout.n_samples_per_prompt={CPE_SAMPLES}", "post_edit.enabled=true",
+                     "post_edit.strategy=random", f"post_edit.ratio={CPE_KEPT_RATIO}"]
+    arms = {"cpe": cpe_overrides,
+            "ppo": [f"rollout.n_samples_per_prompt={PPO_SAMPLES}", "post_edit.enabled=false"],
+            "cpe_off1": [*cpe_overrides, "trainer.off_policy_steps=1"]}
     with tempfile.TemporaryDirectory() as tmp:
-        cpe = run("cpe", Path(tmp), args.epochs, [
-            f"rollout.n_samples_per_prompt={CPE_SAMPLES}", "post_edit.enabled=true",
-            "post_edit.strategy=random", f"post_edit.ratio={CPE_KEPT_RATIO}"])
-        ppo = run("ppo", Path(tmp), args.epochs, [
-            f"rollout.n_samples_per_prompt={PPO_SAMPLES}", "post_edit.enabled=false"])
-    rewards = {name: [m["reward/original/weighted"] for m in ms]
-               for name, ms in (("cpe", cpe), ("ppo", ppo))}
+        runs = {name: run(name, Path(tmp), args.epochs, o) for name, o in arms.items()}
+    cpe = runs["cpe"]
+    rewards = {name: [m["reward/original/weighted"] for m in ms] for name, ms in runs.items()}
     step_s = {name: statistics.median(m["time/step"] for m in ms[1:])
-              for name, ms in (("cpe", cpe), ("ppo", ppo))}
-    phases = {name: {k[5:]: statistics.median(m[k] for m in ms[1:])
+              for name, ms in runs.items()}
+    phases = {name: {k[5:]: statistics.median(m.get(k, 0.0) for m in ms[1:])
                      for k in ms[-1] if k.startswith("time/") and k != "time/elapsed"}
-              for name, ms in (("cpe", cpe), ("ppo", ppo))}
+              for name, ms in runs.items()}
     kept = statistics.mean(m["post_edit/kept_fraction"] for m in cpe)  # per answer
     result = {
         "steps": len(cpe), "window": args.window,
@@ -112,10 +115,10 @@ def main() -> None:
         "cost_ratio": result["cost_ratio_cpe_over_ppo"] <= TARGET_COST_RATIO,
     }
     png = out.with_suffix(".png")
-    plot({"CPE (4 answers + 2 rewrites)": rewards["cpe"], "PPO (6 answers)": rewards["ppo"]},
-         args.window, png)
+    plot({"CPE (4 answers + 2 rewrites)": rewards["cpe"], "PPO (6 answers)": rewards["ppo"],
+          "CPE, one step off-policy": rewards["cpe_off1"]}, args.window, png)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for name in ("cpe", "ppo"):
+    for name in arms:
         g = result["learning"][name]
         print(f"{name}: reward {g['first_mean']:+.3f} (first {args.window} steps) -> "
               f"{g['last_mean']:+.3f} (last {args.window}): {g['gain']:+.3f} = "
