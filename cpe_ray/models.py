@@ -6,7 +6,7 @@ Shared by the HF engine, the learner and the judges so that every process resolv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +109,29 @@ def stop_token_ids(tokenizer: Any, model_path: str) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), [B, width] long on the CPU: each prompt right-aligned."""
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (padding on the left sits at 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def last_token_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits after each left-padded prompt, [B, V] float32 on the CPU: the engine and the
     learner both score with this one call (the head on the last position only), so equal
     weights give bit-equal logits. `model` may be a DeepSpeed engine around the model."""
     keep = accepts(model, "logits_to_keep")
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                **({"logits_to_keep": 1} if keep else {}))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                use_cache=False, **({"logits_to_keep": 1} if keep else {}))
     return out.logits[:, -1].float().cpu()
 
 

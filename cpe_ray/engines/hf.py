@@ -24,9 +24,11 @@ from cpe_ray.engines.base import (
 )
 from cpe_ray.models import (
     last_token_logits,
+    left_pad,
     load_causal_lm,
     load_tokenizer,
     pick_device,
+    position_ids,
     resolve_model_path,
     stop_token_ids,
 )
@@ -168,14 +170,8 @@ class HFEngine:
         """(ids, attention mask, position ids) on the engine's device, prompts left-padded."""
         if min(len(p) for p in prompts) == 0:
             raise ValueError("every prompt needs at least one token")
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p) :] = torch.tensor(list(p))
-            mask[r, width - len(p) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        ids, mask = left_pad(prompts, self.pad_id)
+        return ids.to(self.device), mask.to(self.device), position_ids(mask).to(self.device)
 
     # --- weights --------------------------------------------------------------------------
     @torch.no_grad()

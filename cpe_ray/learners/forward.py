@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cpe_ray.models import accepts, unwrap
+from cpe_ray.models import accepts, position_ids, unwrap
 from cpe_ray.rl.experience import Experience
 
 
@@ -91,14 +91,12 @@ class ResponseForward:
             module.training and getattr(module, "is_gradient_checkpointing", False))
         return self._shared(exp, prompt_groups(exp)) if share else self._plain(exp)
 
-    def _positions(self, exp: Experience) -> Tensor:
-        return (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
-
     def _plain(self, exp: Experience) -> Tensor:
         p, r = exp.prompt_width, exp.response_width
         extra = {"logits_to_keep": r + 1} if self.keep_logits else {}
         out = self.model(input_ids=exp.sequences, attention_mask=exp.attention_mask,
-                         position_ids=self._positions(exp), use_cache=False, **extra).logits
+                         position_ids=position_ids(exp.attention_mask), use_cache=False,
+                         **extra).logits
         if self.keep_logits:  # the last r + 1 positions: p - 1 ... p + r - 1
             return out[:, :r]
         return out[:, p - 1 : p - 1 + r]
@@ -107,7 +105,7 @@ class ResponseForward:
         from transformers import DynamicCache
 
         p = exp.prompt_width
-        positions = self._positions(exp)
+        positions = position_ids(exp.attention_mask)
         cache = DynamicCache()
         extra = {"logits_to_keep": 1} if self.keep_logits else {}
         # Prompts are left-padded to one width, so a group's last column is its last token:

@@ -27,6 +27,7 @@ from cpe_ray.learners.ds_config import eval_config, train_config
 from cpe_ray.learners.forward import ResponseForward, micro_order
 from cpe_ray.models import (
     last_token_logits,
+    left_pad,
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,
@@ -293,10 +294,8 @@ class PPOLearnerCore:
     def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """Raw logits after each prompt, [B, V] (every rank must call under ZeRO-3)."""
         self.policy.eval()
-        exp = Experience.from_tokens(prompts, [[self.pad_id]] * len(prompts), self.pad_id)
-        p = exp.prompt_width
-        return last_token_logits(self.policy, exp.sequences[:, :p].to(self.device),
-                                 exp.attention_mask[:, :p].to(self.device))
+        ids, mask = left_pad(prompts, self.pad_id)
+        return last_token_logits(self.policy, ids.to(self.device), mask.to(self.device))
 
     def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.ref is None:
