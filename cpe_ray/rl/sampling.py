@@ -71,6 +71,10 @@ class Samples:
     seconds: dict[str, float]
     prompt_fits: PromptFits = field(default_factory=PromptFits)
 
+    def kept_rewrites(self) -> list[Answer]:
+        """The rewrites that join the batch, in answer order (after the originals in 3.4)."""
+        return [self.rewrites[k] for k in self.kept]
+
 
 class Sampler:
     """Samples and judges batches on the rollout engines and the judge."""

@@ -53,8 +53,9 @@ INFLIGHT_FILE = "inflight.pkl"  # in a checkpoint: batches sampled ahead of thei
 
 @dataclass
 class Update:
-    """One step's update in flight: its batch with advantages, and the learner's pending
-    result (set when it is submitted, which for a stale batch is inside a pipeline)."""
+    """One step's update in flight: its batch (advantages and the off-policy metrics filled
+    in when it is submitted, which for a stale batch is inside a pipeline) and the learner's
+    pending result."""
 
     exp: Experience
     staleness: int  # steps between the weights that sampled the originals and the learner's
@@ -141,19 +142,21 @@ class Trainer:
 
         seed = derive_seed(self.cfg.run.seed, step)
         s = self.sampler.collect(batch, seed, pipe, forward_originals)
-        kept = [s.rewrites[k] for k in s.kept]
+        kept = s.kept_rewrites()
         exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
         t = time.perf_counter()
         fields = self._with_rewrites(exp, originals, s.prompt_ids, kept)
         seconds = dict(s.seconds) | {"learner_forward_rewrites": time.perf_counter() - t}
-        return s, self._submit_update(step, s, exp, fields, 0, seconds)
+        update = Update(exp, 0, seconds)
+        self._submit_update(step, s, fields, update)
+        return s, update
 
     def _stale_update(self, step: int, s: Samples, pipe: Pipeline) -> Update:
         """A batch sampled ahead: one learner forward over it (originals and kept rewrites)
         registered on `pipe`; the update is submitted from its callback, so it starts as soon
         as the forward is in, whatever else `pipe` is running. Fill `update.seconds
         ["learner_forward"]` from the pipe's spans once it has run."""
-        kept = [s.rewrites[k] for k in s.kept]
+        kept = s.kept_rewrites()
         exp = self._experience(s.prompt_ids, s.answers, kept)  # 3.4
         pending = self._submit_forward(exp)
         fields: dict[str, torch.Tensor] = {}
@@ -162,32 +165,28 @@ class Trainer:
         def forwarded(name: str, value: torch.Tensor) -> None:
             fields[name] = value
             if len(fields) == len(pending):
-                self._submit_update(step, s, exp, fields, update.staleness, update.seconds,
-                                    into=update)
+                self._submit_update(step, s, fields, update)
 
         for name, p in pending.items():
             pipe.then(p, "learner_forward", lambda value, key=name: forwarded(key, value))
         return update
 
-    def _submit_update(self, step: int, s: Samples, exp: Experience,
-                       fields: dict[str, torch.Tensor], staleness: int,
-                       seconds: dict[str, float], into: Update | None = None) -> Update:
-        """3.7: advantages (and the staleness correction), then the learner's update, started
-        on the learner and returned un-waited in `into` (or a new `Update`)."""
+    def _submit_update(self, step: int, s: Samples, fields: dict[str, torch.Tensor],
+                       update: Update) -> None:
+        """3.7: advantages of `update.exp` from the learner's forward `fields` (and the
+        staleness correction), then the learner's update, started on the learner and left
+        un-waited in `update.training`."""
         cfg = self.cfg
-        kept = [s.rewrites[k] for k in s.kept]
-        scores = torch.tensor([a.reward for a in s.answers + kept], dtype=torch.float32)
-        groups = torch.tensor([a.prompt for a in s.answers + kept])
-        exp = self.advantages(exp, fields, scores, groups)
-        off_policy: dict[str, float] = {}
+        rows = s.answers + s.kept_rewrites()
+        scores = torch.tensor([a.reward for a in rows], dtype=torch.float32)
+        groups = torch.tensor([a.prompt for a in rows])
+        exp = self.advantages(update.exp, fields, scores, groups)
         if cfg.trainer.off_policy_steps:
-            exp, off_policy = self._correct_staleness(exp, s.answers, staleness)
-        update = into if into is not None else Update(exp, staleness, seconds)
-        update.exp, update.off_policy = exp, off_policy
+            exp, update.off_policy = self._correct_staleness(exp, s.answers, update.staleness)
+        update.exp = exp
         update.submitted = time.perf_counter()
         update.training = self.rt.learner.submit_train(
             exp, num_mini_batches(cfg, len(exp)), derive_seed(cfg.run.seed, step))
-        return update
 
     def _sample_ahead(self, step: int, pipe: Pipeline) -> Samples:
         """3.1-3.6 of batch `step` on the engines' current weights, while the learner trains;
@@ -266,7 +265,7 @@ class Trainer:
 
     def _reward_metrics(self, s: Samples) -> dict[str, float]:
         out: dict[str, float] = {}
-        kept = [s.rewrites[k] for k in s.kept]
+        kept = s.kept_rewrites()
         for name, items in (("original", s.answers), ("rewrite", kept)):
             if not items:
                 continue
