@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cpe_ray.judges.serve import serve_http, stop_http
+
 Policy = Callable[[list[dict[str, str]]], str]
 _ANSWER = re.compile(r"\[Answer ([AB])\]\n(.*?)\n\[End of Answer \1\]", re.DOTALL)
 
@@ -68,7 +70,6 @@ class ChatServer:
         self.statuses: list[int] = []
         self.bodies: list[dict] = []
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -138,16 +139,12 @@ class ChatServer:
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = serve_http("127.0.0.1", 0, Handler, "chat-server")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_http(self._server)
 
     def __enter__(self) -> ChatServer:
         return self.start()

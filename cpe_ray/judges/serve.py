@@ -218,6 +218,22 @@ def serve_key(settings: ServeConfig) -> str | None:
     return key
 
 
+def serve_http(host: str, port: int, handler: type[BaseHTTPRequestHandler],
+               name: str) -> ThreadingHTTPServer:
+    """A threading HTTP server bound to (host, port) (0: any free port), answering from a
+    daemon thread named `name` once this returns; `stop_http` ends it."""
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server
+
+
+def stop_http(server: ThreadingHTTPServer) -> None:
+    """Stop serving and close the socket (the handlers' threads are daemons)."""
+    server.shutdown()
+    server.server_close()
+
+
 def _reward(outcome: JudgeOutcome, cfg: Config) -> float | None:
     if outcome.reward is not None:
         return outcome.reward
@@ -237,7 +253,6 @@ class JudgeServer:
         self.served = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -351,18 +366,12 @@ class JudgeServer:
 
                 self._guard(handle)
 
-        server = ThreadingHTTPServer((self.settings.host, self.settings.port), Handler)
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="judge-http",
-                                        daemon=True)
-        self._thread.start()
+        self._server = serve_http(self.settings.host, self.settings.port, Handler, "judge-http")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_http(self._server)
             self._server = None
         self.batcher.close()
 
