@@ -20,9 +20,8 @@ class GRMJudge:
         import torch
 
         from cpe_ray.models import load_tokenizer
-        from cpe_ray.runtime.remote import threads_per_actor
 
-        torch.set_num_threads(threads_per_actor(cfg))
+        torch.set_num_threads(cfg.cluster.threads_per_actor)
         g = cfg.grm
         if g.model_path is None:
             raise ValueError("grm.model_path is required for an engine-backed GRM")

@@ -1,10 +1,8 @@
 """What every DeepSpeed rank group shares: actor options, the process group, the start-up dance.
 
 `PPOLearner` (actors/learner.py) and `SupervisedRank` (actors/supervised.py) are both a
-`RankActor`: one data-parallel rank that forwards to its core. Their groups are `RankGroup`s:
-they place the ranks in placement-group bundles, ask rank 0 for a free address, have every
-rank join DeepSpeed's group there, and save, load and export through every rank. All remote
-calls go through `cpe_ray.runtime.remote.wait_all`, so a failure is one line naming the rank.
+`RankActor`: one data-parallel rank that forwards to its core. The driver speaks to them
+through their groups (`cpe_ray.runtime.groups`).
 """
 
 from __future__ import annotations
@@ -17,30 +15,7 @@ import ray
 import torch
 
 from cpe_ray.config import Config
-from cpe_ray.runtime.remote import actor_env, threads_per_actor, wait_all
-from cpe_ray.runtime.weight_sync import free_port
-
-
-def rank_options(cfg: Config, num_ranks: int, strategies: list[Any] | None,
-                 gpus_per_rank: float | None, cpus_per_rank: float | None
-                 ) -> list[dict[str, Any]]:
-    """Ray options of each rank: its CPUs and GPU, its env, its bundle when given."""
-    if strategies is not None and len(strategies) != num_ranks:
-        raise ValueError(f"need {num_ranks} scheduling strategies, got {len(strategies)}")
-    gpus = gpus_per_rank if gpus_per_rank is not None else (1 if cfg.cluster.use_gpu else 0)
-    threads = threads_per_actor(cfg)
-    out = []
-    for rank in range(num_ranks):
-        options: dict[str, Any] = {
-            "num_cpus": cpus_per_rank if cpus_per_rank is not None else (
-                cfg.cluster.cpus_per_bundle),
-            "num_gpus": gpus,
-            "runtime_env": {"env_vars": actor_env(cfg, threads)},
-        }
-        if strategies is not None:
-            options["scheduling_strategy"] = strategies[rank]
-        out.append(options)
-    return out
+from cpe_ray.weight_sync.codec import free_port
 
 
 def rank_address() -> tuple[str, int]:
@@ -91,7 +66,7 @@ class RankActor:
     core (`make_core`), and forwards to it. Subclasses add their own forwards."""
 
     def __init__(self, cfg: Config, rank: int, world: int) -> None:
-        torch.set_num_threads(threads_per_actor(cfg))
+        torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg, self.rank, self.world = cfg, rank, world
         self.core: Any = None
 
@@ -114,51 +89,3 @@ class RankActor:
 
     def export_hf(self, path: str) -> None:
         self.core.export_hf(path)
-
-
-class RankGroup:
-    """`learner.num_ranks` actors of one `RankActor` class, spoken to as one; every call is a
-    bounded wait (`learner.dist_timeout_s`) whose failure is one line naming the rank."""
-
-    def __init__(self, cfg: Config, actor_cls: Any, args: tuple, what: str,
-                 strategies: list[Any] | None, gpus_per_rank: float | None,
-                 cpus_per_rank: float | None) -> None:
-        self.cfg, self.what = cfg, what
-        n = cfg.learner.num_ranks
-        options = rank_options(cfg, n, strategies, gpus_per_rank, cpus_per_rank)
-        self.actors = [actor_cls.options(**options[r]).remote(cfg, *args, r, n)
-                       for r in range(n)]
-        self.labels = [f"{what} rank {r}" for r in range(n)]
-
-    @property
-    def world(self) -> int:
-        return len(self.actors)
-
-    def setup(self) -> list[dict[str, Any]]:
-        """Rank 0 picks the rendezvous address; every rank's `setup(host, port)` joins there."""
-        timeout = self.cfg.learner.dist_timeout_s
-        host, port = wait_all([self.actors[0].address.remote()], self.labels[:1], timeout,
-                              f"{self.what} address")[0]
-        return wait_all([a.setup.remote(host, port) for a in self.actors], self.labels,
-                        timeout, f"{self.what} start-up")
-
-    def _call(self, method: str, args_per_rank: list[tuple], what: str) -> list[Any]:
-        futures = [getattr(a, method).remote(*args) for a, args in
-                   zip(self.actors, args_per_rank, strict=True)]
-        return wait_all(futures, self.labels, self.cfg.learner.dist_timeout_s, what)
-
-    def _on_all(self, method: str, *args: Any) -> list[Any]:
-        return self._call(method, [args] * self.world, f"{self.what} {method}")
-
-    def save_state(self, path: str) -> None:
-        self._on_all("save_state", path)
-
-    def load_state(self, path: str) -> None:
-        self._on_all("load_state", path)
-
-    def export_hf(self, path: str) -> None:
-        self._on_all("export_hf", path)
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)

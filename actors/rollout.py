@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 import ray
 
+from cpe_ray.algo.post_edit import (
+    EditRequest,
+    build_edit_messages,
+    fit_edit_prompt,
+    load_edit_template,
+)
 from cpe_ray.chat import (
     FittedPrompt,
     apply_chat_template,
@@ -25,13 +31,7 @@ from cpe_ray.chat import system_prompt as render_system
 from cpe_ray.config import Config
 from cpe_ray.engines.base import Completion, SamplingParams
 from cpe_ray.engines.factory import make_engine
-from cpe_ray.rl.post_edit import (
-    EditRequest,
-    build_edit_messages,
-    fit_edit_prompt,
-    load_edit_template,
-)
-from cpe_ray.runtime.weight_sync import GroupSpec, Manifest, SyncStats
+from cpe_ray.weight_sync.codec import GroupSpec, Manifest, SyncStats
 
 
 @dataclass
@@ -52,9 +52,7 @@ class PolicyRollout:
                  gpu_fraction: float | None = None) -> None:
         import torch
 
-        from cpe_ray.runtime.remote import threads_per_actor
-
-        torch.set_num_threads(threads_per_actor(cfg))
+        torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg, self.index = cfg, engine_index
         r = cfg.rollout
         self.engine = make_engine(

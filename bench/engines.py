@@ -38,8 +38,8 @@ import torch
 from cpe_ray.config import load_config
 from cpe_ray.engines.base import SamplingParams
 from cpe_ray.engines.factory import make_engine
-from cpe_ray.runtime import weight_sync as ws
 from cpe_ray.tiny import TinyModelSpec, ensure_tiny_model
+from cpe_ray.weight_sync import codec as ws
 
 MB = 1 << 20
 PROMPT_TOKENS = 64  # a persona and a question in the tiny tokenizer are about this long

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from cpe_ray.algo.experience import Experience, split_even
 from cpe_ray.chat import apply_chat_template, build_policy_messages
 from cpe_ray.config import load_config
 from cpe_ray.data import load_prompts
 from cpe_ray.learners.forward import ResponseForward, micro_order
 from cpe_ray.models import load_causal_lm, load_tokenizer, resolve_model_path
 from cpe_ray.paths import resolve_path
-from cpe_ray.rl.experience import Experience, split_even
 
 PROMPTS, ANSWERS, REWRITES = 8, 4, 2  # the CPU default: 8 prompts x 4, random 0.5 keeps 2
 

@@ -52,7 +52,7 @@ RESULTS = REPO / "bench" / "results" / "real_model"
 KEY_ENV = "CPE_RAY_BENCH_JUDGE_KEY"
 SERVED_MODEL = "rubric-teacher"
 # The GRM engine runs beside the rollout engine and the learner: three Ray bundles on a
-# 2-core box, one thread each either way (cpe_ray.runtime.remote.threads_per_actor).
+# 2-core box, one thread each either way (ClusterConfig.threads_per_actor).
 CPUS_PER_BUNDLE = 0.5
 # Equal trained samples per prompt (method.md 4): 4 answers + 2 kept rewrites = 6 answers.
 CPE_ANSWERS, CPE_RATIO = 4, 0.5

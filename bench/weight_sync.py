@@ -33,7 +33,7 @@ from pathlib import Path
 import ray
 import torch
 
-from cpe_ray.runtime.weight_sync import (
+from cpe_ray.weight_sync.codec import (
     GroupSpec,
     SyncGroup,
     adopt_buckets,

@@ -27,7 +27,7 @@ from cpe_ray.errors import (
     quiet_stop_signals,
     stop_signals,
 )
-from cpe_ray.judges.client import JudgeClient, check_backend
+from cpe_ray.judges.registry import check_backend
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
 from cpe_ray.runs import (
@@ -42,6 +42,7 @@ from cpe_ray.runs import (
     restore,
     write_checkpoint,
 )
+from cpe_ray.runtime.judging import JudgeClient
 
 SHOWN_PROBLEMS = 3  # skipped data records listed by file:line (the rest counted)
 # Metrics that count prompts over rollout.max_prompt_length (warned about once a run)

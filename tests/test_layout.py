@@ -1,4 +1,5 @@
-"""The package layout: no import cycles, training never imports evaluation, a short top level.
+"""The package layout: the package order of the README, no import cycles, training never
+imports evaluation, a short top level.
 
 Every `import` and `from ... import` counts, inside functions too: a lazy import is still a
 dependency a reader has to follow, and a cycle hidden in a function body is still a cycle.
@@ -61,6 +62,59 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 path.append(nxt)
                 stack.append(iter(sorted(graph[nxt])))
     return None
+
+
+def package_order() -> list[list[str]]:
+    """The README's package order: one list of units per line, lowest first."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- package-order -->")[1].split("<!-- /package-order -->")[0]
+    lines = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("```")]
+    # a line holds unit names, then two or more spaces and a comment
+    return [ln.split("  ")[0].split() for ln in lines]
+
+
+def unit_of(module: str, units: list[str]) -> str | None:
+    """The longest unit that is `module` or a package above it; a unit that other units sit
+    in (`cpe_ray`) holds only its own `__init__`, so a new package must be placed."""
+    parents = {u for u in units if any(v.startswith(u + ".") for v in units)}
+    found = [u for u in units
+             if module == u or (u not in parents and module.startswith(u + "."))]
+    return max(found, key=len) if found else None
+
+
+def order_violations(graph: dict[str, set[str]], order: list[list[str]]) -> list[str]:
+    """Imports that point to a unit on the same or a later line of `order`."""
+    line = {u: i for i, units in enumerate(order) for u in units}
+    units = list(line)
+    out = []
+    for module, deps in graph.items():
+        src = unit_of(module, units)
+        if src is None:
+            out.append(f"{module} is in no unit of the README's package order")
+            continue
+        for dep in deps:
+            dst = unit_of(dep, units)
+            if dst is not None and dst != src and line[dst] >= line[src]:
+                out.append(f"{module} -> {dep} ({src} may not import {dst})")
+    return sorted(out)
+
+
+def test_the_order_checker_finds_an_upward_import_and_a_sideways_one() -> None:
+    order = [["a"], ["b", "c"], ["d"]]
+    graph = {"a.x": set(), "b.y": {"a.x"}, "c.z": {"b.y"}, "d": {"c.z", "a.x"}, "a.w": {"d"}}
+    assert order_violations(graph, order) == ["a.w -> d (a may not import d)",
+                                              "c.z -> b.y (c may not import b)"]
+    assert order_violations({"e.q": set()}, order) == [
+        "e.q is in no unit of the README's package order"]
+    # a unit with units inside it holds only itself
+    assert order_violations({"p.new": set()}, [["p"], ["p.old"]]) == [
+        "p.new is in no unit of the README's package order"]
+
+
+def test_packages_follow_the_readme_order() -> None:
+    order = package_order()
+    assert len(order) > 15 and ["launch"] in order  # the block was found and read whole
+    assert order_violations(import_graph(), order) == []
 
 
 def test_the_checker_finds_a_cycle_and_a_clean_graph() -> None:

@@ -3,7 +3,7 @@
 The GRM's dimensions and weights (method.md section 2), what a missing dimension counts
 (`grm.on_missing`), the post-edit selection strategies (method.md section 3.5) and the
 table of judge backends. The modules that implement them (`judges/grm.py`,
-`rl/post_edit.py`, `judges/client.py`) import these names.
+`algo/post_edit.py`, `runtime/judging.py`) import these names.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class JudgeBackend:
     """What the config checks, placement and the controller need to know of a `grm.backend`.
 
     The one table of backends (`GRM_BACKENDS`); the judges themselves are built in
-    `cpe_ray.judges.client`."""
+    `cpe_ray.runtime.judging`."""
 
     in_driver_on_cpu: bool  # judges in the controller's process on a CPU cluster
     in_driver_on_gpu: bool  # ... and on a GPU cluster (otherwise: GRM actors in a "grm" pool)

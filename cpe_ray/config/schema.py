@@ -70,6 +70,11 @@ class ClusterConfig:
     # minutes with a warning every few seconds
     connect_timeout_s: float = _f(30.0, gt=0)
 
+    @property
+    def threads_per_actor(self) -> int:
+        """Torch threads of each actor process: its bundle's CPUs, at least one."""
+        return max(1, int(self.cpus_per_bundle))
+
 
 @dataclass
 class PolicyConfig:

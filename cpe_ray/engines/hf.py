@@ -32,7 +32,7 @@ from cpe_ray.models import (
     resolve_model_path,
     stop_token_ids,
 )
-from cpe_ray.runtime.weight_sync import (
+from cpe_ray.weight_sync.codec import (
     Bucket,
     GroupSpec,
     Manifest,
@@ -199,7 +199,7 @@ class HFEngine:
 
     def load_ipc(self, handles: Mapping[str, Any], bucket: Bucket) -> None:
         """Load one packed bucket that a learner on the same GPU shared by CUDA IPC."""
-        from cpe_ray.engines.vllm_ext import gpu_uuid
+        from cpe_ray.weight_sync.codec import gpu_uuid
 
         if self.device.type != "cuda":
             raise RuntimeError("CUDA IPC weight loading needs the engine on a GPU")

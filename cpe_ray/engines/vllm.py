@@ -47,7 +47,7 @@ from cpe_ray.engines.base import (
 from cpe_ray.engines.vllm_ext import WeightSyncExtension, encode_tensors
 from cpe_ray.errors import ConfigError
 from cpe_ray.models import DTYPES
-from cpe_ray.runtime.weight_sync import Bucket, GroupSpec, Manifest, SyncStats, WeightSyncError
+from cpe_ray.weight_sync.codec import Bucket, GroupSpec, Manifest, SyncStats, WeightSyncError
 
 EXTENSION_CLASS = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 # Log-probs of the distribution actually sampled from (after temperature and top-k/top-p),

@@ -32,24 +32,20 @@ from typing import Any
 
 import torch
 
-from cpe_ray.runtime.weight_sync import (
+from cpe_ray.weight_sync.codec import (
     GroupSpec,
     Manifest,
     SyncGroup,
     WeightSyncError,
     dtype_from_name,
     dtype_name,
+    gpu_uuid,
     open_cuda,
     receive_buckets,
     unpack,
 )
 
 MISSING_NAMES_SHOWN = 8  # enough to recognise a naming mismatch without flooding a log line
-
-
-def gpu_uuid(device_index: int) -> str:
-    """The GPU's UUID: the same in every process, unlike ordinals under CUDA_VISIBLE_DEVICES."""
-    return str(torch.cuda.get_device_properties(device_index).uuid)
 
 
 def encode_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:

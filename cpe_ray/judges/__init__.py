@@ -7,9 +7,9 @@
   endpoint and its client), `bt.py` (a Bradley-Terry scalar model), `rubric.py` (the offline
   rule-based stand-in).
 - `serve.py`: any of them served as an OpenAI-compatible endpoint (`cpe-ray serve-judge`).
-- `client.py`: the controller's view, the table of `grm.backend` values and where each runs
-  (driver, driver thread, GRM actors); the one place a backend is chosen.
+- `registry.py`: which judge a `grm.backend` is, where it runs, and its start-up checks.
 
 Adding a backend: write a class with `judge(requests, mode, seed)`, then add a row to
-`client.BACKENDS`. Nothing here imports vllm, deepspeed or openai at import time.
+`cpe_ray.config.choices.GRM_BACKENDS` and its builder to `registry.LOCAL_JUDGES`. Nothing
+here imports vllm, deepspeed or openai at import time.
 """

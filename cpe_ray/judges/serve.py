@@ -384,7 +384,7 @@ class JudgeServer:
 
 def build_judge(cfg: Config) -> tuple[Judge, str]:
     """The judge `grm.backend` names, in this process, and a label for it."""
-    from cpe_ray.judges.client import LOCAL_JUDGES, check_backend
+    from cpe_ray.judges.registry import LOCAL_JUDGES, check_backend
 
     g = cfg.grm
     check_backend(cfg)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cpe_ray.algo.experience import Experience
 from cpe_ray.models import accepts, position_ids, unwrap
-from cpe_ray.rl.experience import Experience
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from cpe_ray.algo import algorithms as alg
+from cpe_ray.algo.experience import Experience, pad_response, split_even
 from cpe_ray.config import Config
 from cpe_ray.learners.ds_config import eval_config, train_config
 from cpe_ray.learners.forward import ResponseForward, micro_order
@@ -33,9 +35,7 @@ from cpe_ray.models import (
     resolve_model_path,
     torch_dtype,
 )
-from cpe_ray.rl import algorithms as alg
-from cpe_ray.rl.experience import Experience, pad_response, split_even
-from cpe_ray.runtime.weight_sync import (
+from cpe_ray.weight_sync.codec import (
     Bucket,
     GroupSpec,
     Manifest,
@@ -471,7 +471,7 @@ class PPOLearnerCore:
         """
         import torch.distributed as dist
 
-        from cpe_ray.engines.vllm_ext import gpu_uuid
+        from cpe_ray.weight_sync.codec import gpu_uuid
 
         start = time.perf_counter()
         params = dict(self.policy.module.named_parameters())

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from cpe_ray.algo import algorithms as alg
+from cpe_ray.algo.experience import split_even
 from cpe_ray.config import Config
 from cpe_ray.learners.ppo import (
     MetricSums,
@@ -32,9 +34,32 @@ from cpe_ray.learners.ppo import (
     step_and_report,
 )
 from cpe_ray.models import load_causal_lm, load_tokenizer, torch_dtype
-from cpe_ray.rl import algorithms as alg
-from cpe_ray.rl.experience import split_even
-from cpe_ray.stages.data import PairTokens, SFTTokens
+
+
+@dataclass(frozen=True)
+class SFTTokens:
+    """One conversation: token ids and a 0/1 label per token (1: an assistant token)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens the loss sees: labelled tokens after the first (which has no context)."""
+        return sum(self.labels[1:])
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """A preference pair for the Bradley-Terry loss: the chosen and the rejected chat."""
+
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+
+    @property
+    def num_targets(self) -> int:
+        return 1
+
 
 TASKS = ("sft", "bt")
 SCHEDULES = ("constant", "cosine")

@@ -1,9 +1,8 @@
-"""The RL loop: the controller's step (method.md section 3) and what it computes.
+"""The RL loop: the controller's step (method.md section 3) and its schedule.
 
 - `trainer.py`: `Trainer.step`, numbered as method.md 3.1-3.7 (answer, critique, rewrite,
-  select, score, learn), and the loop with checkpoints and metrics.
-- `experience.py`: the batch that crosses from the controller to the learner.
-- `algorithms.py`: advantages (GAE, GRPO, RLOO), PPO clip loss, the off-policy rewrite loss,
-  value loss, KL estimators and loss aggregation.
-- `post_edit.py`: the edit prompt and the rewrite selection strategies.
+  select, score, batch, learn) and sync; the loop's bookkeeping.
+- `sampling.py`: 3.1-3.6 of a batch (`Sampler`), a pipeline over prompt chunks.
+
+The maths the step calls (advantages, losses, selection, the edit prompt) is `cpe_ray.algo`.
 """

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cpe_ray.algo.experience import split_even
+from cpe_ray.algo.post_edit import EditRequest, RewriteInfo, needs_rewards, select_rewrites
 from cpe_ray.config import Config
 from cpe_ray.data import PromptRecord
 from cpe_ray.engines.base import Completion
 from cpe_ray.judges.base import JudgeRequest
-from cpe_ray.judges.client import JudgeClient
 from cpe_ray.judges.grm import JudgeOutcome, weighted_reward
-from cpe_ray.rl.experience import split_even
-from cpe_ray.rl.post_edit import EditRequest, RewriteInfo, needs_rewards, select_rewrites
+from cpe_ray.runtime.judging import JudgeClient
 from cpe_ray.runtime.pipeline import Pending, Pipeline
 from cpe_ray.runtime.start import Runtime
 

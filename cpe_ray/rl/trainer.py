@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cpe_ray.algo import algorithms as alg
+from cpe_ray.algo.experience import Experience, pad_response
 from cpe_ray.config import Config, PPOConfig
 from cpe_ray.data import PromptRecord, batch_order
-from cpe_ray.judges.client import JudgeClient
-from cpe_ray.rl import algorithms as alg
-from cpe_ray.rl.experience import Experience, pad_response
 
 # PromptFits, unused here: checkpoints written before sampling.py split off pickled their
 # batches in flight as cpe_ray.rl.trainer.{Samples,Answer,PromptFits}; these names keep them
@@ -43,6 +42,7 @@ from cpe_ray.rl.sampling import (
     Samples,
     derive_seed,
 )
+from cpe_ray.runtime.judging import JudgeClient
 from cpe_ray.runtime.pipeline import Pending, Pipeline
 from cpe_ray.runtime.remote import wait_all
 from cpe_ray.runtime.start import Runtime

@@ -4,7 +4,9 @@
 - `start.py`: `start_runtime(cfg)`: placement, engine actors, the learner group, the
   weight-sync group; each engine and the learner group can be started again in its bundles.
 - `recovery.py`: `Supervisor`: dead engines and learners restarted in-run, bounded, counted.
-- `weight_sync.py`: learner-to-engine weights (bucket manifest, broadcast, CUDA IPC).
+- `groups.py`, `learner_group.py`: the driver's handles on DeepSpeed rank groups (supervised
+  and PPO), typed methods over bounded waits; the learner group runs weight syncs.
+- `judging.py`: `JudgeClient`, the controller's view of the judge (in process or GRM actors).
 - `remote.py`: bounded waits on Ray futures with one-line errors; actor environments.
 - `pipeline.py`: `Pending` and `Pipeline`, which overlap one step's dependent remote work.
 """

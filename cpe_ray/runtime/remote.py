@@ -49,10 +49,6 @@ def actor_env(cfg: Config, threads: int) -> dict[str, str]:
     return env
 
 
-def threads_per_actor(cfg: Config) -> int:
-    return max(1, int(cfg.cluster.cpus_per_bundle))
-
-
 def _outcome(fut: ray.ObjectRef, label: str, what: str
              ) -> tuple[Any, tuple[bool, str, str, BaseException] | None]:
     """(result, None) or (None, (died, label, message, exception)) of a finished future."""

@@ -25,8 +25,8 @@ from cpe_ray.runtime.placement import (
     plan_placement,
     remove_pools,
 )
-from cpe_ray.runtime.remote import actor_env, threads_per_actor, wait_all
-from cpe_ray.runtime.weight_sync import Manifest
+from cpe_ray.runtime.remote import actor_env, wait_all
+from cpe_ray.weight_sync.codec import Manifest
 
 # When the learner and an engine share a GPU (cluster.colocate_learner_rollout) each takes
 # this share of it, so Ray lets both into one bundle; sleep mode frees the memory in turn.
@@ -103,7 +103,7 @@ class Runtime:
 
 def make_learner(cfg: Config, plan: PlacementPlan, pools: dict[str, Pool]) -> Any:
     """A `LearnerGroup` whose ranks sit in the learner pool's bundles (not set up yet)."""
-    from actors.learner import LearnerGroup
+    from cpe_ray.runtime.learner_group import LearnerGroup
 
     learner_pool = pools[plan.pool_for("learner")]
     strategies = [learner_pool.strategy(r) for r in range(cfg.learner.num_ranks)]
@@ -128,7 +128,7 @@ def _engine_options(cfg: Config, pool: Pool, engine: int, tp: int, colocated: bo
         "num_cpus": cpus,
         "num_gpus": gpus,
         "scheduling_strategy": pool.strategy(bundles[0], capture_child_tasks=tp > 1),
-        "runtime_env": {"env_vars": actor_env(cfg, threads_per_actor(cfg))},
+        "runtime_env": {"env_vars": actor_env(cfg, cfg.cluster.threads_per_actor)},
     }
     return options, bundles, share
 

@@ -19,37 +19,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from cpe_ray.chat import Message, render_chat_template
 from cpe_ray.errors import DataError
+from cpe_ray.learners.supervised import PairTokens, SFTTokens
 from cpe_ray.prompts import PromptTemplate
-
-
-@dataclass(frozen=True)
-class SFTTokens:
-    """One conversation: token ids and a 0/1 label per token (1: an assistant token)."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-    @property
-    def num_targets(self) -> int:
-        """Tokens the loss sees: labelled tokens after the first (which has no context)."""
-        return sum(self.labels[1:])
-
-
-@dataclass(frozen=True)
-class PairTokens:
-    """A preference pair for the Bradley-Terry loss: the chosen and the rejected chat."""
-
-    chosen: tuple[int, ...]
-    rejected: tuple[int, ...]
-
-    @property
-    def num_targets(self) -> int:
-        return 1
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -84,7 +84,7 @@ def parse_share(cfg: Config, model_dir: Path, heldout: list[dict[str, Any]]) -> 
     """The trained GRM judges each held-out prompt once; the share that parses."""
     from actors.grm import GRMJudge
     from cpe_ray.judges.base import JudgeRequest
-    from cpe_ray.runtime.remote import actor_env, threads_per_actor, wait_all
+    from cpe_ray.runtime.remote import actor_env, wait_all
 
     if not heldout:
         return {"parse_share": None, "parse_share_n": 0}
@@ -93,7 +93,7 @@ def parse_share(cfg: Config, model_dir: Path, heldout: list[dict[str, Any]]) -> 
     judge_cfg = dataclasses.replace(cfg, grm=g)
     actor = GRMJudge.options(
         num_cpus=cfg.cluster.cpus_per_bundle, num_gpus=1 if cfg.cluster.use_gpu else 0,
-        runtime_env={"env_vars": actor_env(cfg, threads_per_actor(cfg))}).remote(judge_cfg)
+        runtime_env={"env_vars": actor_env(cfg, cfg.cluster.threads_per_actor)}).remote(judge_cfg)
     requests = [JudgeRequest(r["persona"], r["question"], r["answer"]) for r in heldout]
     try:
         outcomes = wait_all([actor.judge.remote(requests, "score", cfg.run.seed)],

@@ -100,8 +100,8 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
     and Ray is still up (e.g. generation with the trained model)."""
     import ray
 
-    from actors.supervised import SupervisedGroup
     from cpe_ray.learners.supervised import SupervisedSpec
+    from cpe_ray.runtime.groups import SupervisedGroup
     from cpe_ray.runtime.placement import create_pools, plan_learner_only, remove_pools
     from cpe_ray.tracking import Tracker
 

@@ -27,11 +27,11 @@ from cpe_ray.engines.vllm import (
     ray_env,
     to_vllm_sampling_kwargs,
 )
-from cpe_ray.engines.vllm_ext import WeightSyncExtension, decode_tensor, encode_tensors, gpu_uuid
+from cpe_ray.engines.vllm_ext import WeightSyncExtension, decode_tensor, encode_tensors
 from cpe_ray.errors import ConfigError
-from cpe_ray.runtime import weight_sync as ws
-from cpe_ray.runtime.weight_sync import WeightSyncError
 from cpe_ray.tiny import TinyModelSpec, ensure_tiny_model
+from cpe_ray.weight_sync import codec as ws
+from cpe_ray.weight_sync.codec import WeightSyncError, gpu_uuid
 
 SMALL_BUCKET_BYTES = 16 * 1024  # several buckets for the tiny model: exercises double buffering
 GROUP_TIMEOUT_S = 60.0

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpe_ray.algo.experience import Experience
 from cpe_ray.learners.forward import ResponseForward, micro_order, prompt_groups
 from cpe_ray.models import load_causal_lm, resolve_model_path
-from cpe_ray.rl.experience import Experience
 
 PAD = 0
 # Three prompts of different lengths (so prompts are left-padded), rows of a prompt not

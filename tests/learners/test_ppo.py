@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpe_ray.algo.experience import Experience
 from cpe_ray.config import load_config
-from cpe_ray.rl.experience import Experience
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -57,8 +57,8 @@ def _kill(*handles) -> None:
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_update_then_sync_makes_engine_logits_equal_learner(stage: int) -> None:
-    from actors.learner import LearnerGroup
     from actors.rollout import PolicyRollout
+    from cpe_ray.runtime.learner_group import LearnerGroup
 
     cfg = _config(stage, ranks=2)
     group = LearnerGroup(cfg)
@@ -112,8 +112,8 @@ def test_update_then_sync_makes_engine_logits_equal_learner(stage: int) -> None:
 
 def test_two_ranks_train_exactly_like_one_rank() -> None:
     """Normalising by the global token count makes the update independent of the split."""
-    from actors.learner import LearnerGroup
     from actors.rollout import PolicyRollout
+    from cpe_ray.runtime.learner_group import LearnerGroup
 
     states = []
     exp_fixed = None
@@ -150,8 +150,8 @@ def test_two_ranks_train_exactly_like_one_rank() -> None:
 def test_save_load_state_and_export_hf(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from actors.learner import LearnerGroup
     from actors.rollout import PolicyRollout
+    from cpe_ray.runtime.learner_group import LearnerGroup
 
     cfg = _config(0, ranks=2)
     group = LearnerGroup(cfg)

@@ -117,7 +117,7 @@ def _pairs(tok, n: int):
 
 
 def _group(task: str, path: str, ranks: int, lr: float):
-    from actors.supervised import SupervisedGroup
+    from cpe_ray.runtime.groups import SupervisedGroup
 
     cfg = load_config(None, [f"learner.num_ranks={ranks}", "learner.micro_batch_size=2",
                              "learner.zero_stage=2"])

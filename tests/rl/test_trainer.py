@@ -42,9 +42,9 @@ def runtime_for(local_ray):
 
 def _trainer(cfg, rt, tmp_path):
     from cpe_ray.data import load_prompts
-    from cpe_ray.judges.client import JudgeClient
     from cpe_ray.paths import resolve_path
     from cpe_ray.rl.trainer import Trainer
+    from cpe_ray.runtime.judging import JudgeClient
     from cpe_ray.tracking import Tracker
 
     records = load_prompts(resolve_path(cfg.data.train_path)).records
@@ -110,8 +110,8 @@ def test_each_row_is_scored_at_its_sampling_temperature(runtime_for) -> None:
     rollout's temperature, as before, the rewrites' tokens were off by ~0.06 nats each."""
     import ray
 
-    from cpe_ray.rl.experience import Experience
-    from cpe_ray.rl.post_edit import EditRequest
+    from cpe_ray.algo.experience import Experience
+    from cpe_ray.algo.post_edit import EditRequest
 
     cfg, rt = runtime_for(*MIXED_T)
     engine = rt.rollouts[0]
@@ -140,7 +140,7 @@ def test_each_row_is_scored_at_its_sampling_temperature(runtime_for) -> None:
 def test_group_advantages_are_not_whitened_over_tokens() -> None:
     """GRPO / RLOO: with lengths [40, 2, 3, 4] and rewards [2, 0.6, 0, -0.4], whitening over
     tokens made the 0.6 answer (above its group's mean 0.55) -1.25 and the best +0.46."""
-    from cpe_ray.rl.experience import Experience
+    from cpe_ray.algo.experience import Experience
     from cpe_ray.rl.trainer import compute_advantages
 
     lengths, rewards = [40, 2, 3, 4], torch.tensor([2.0, 0.6, 0.0, -0.4])
@@ -161,8 +161,8 @@ def test_group_advantages_are_not_whitened_over_tokens() -> None:
 
 
 def test_gae_advantages_are_whitened_over_tokens() -> None:
-    from cpe_ray.rl.algorithms import masked_mean, masked_var
-    from cpe_ray.rl.experience import Experience
+    from cpe_ray.algo.algorithms import masked_mean, masked_var
+    from cpe_ray.algo.experience import Experience
     from cpe_ray.rl.trainer import compute_advantages
 
     exp = Experience.from_tokens([[1]] * 3, [[5] * n for n in (6, 2, 3)], 0, temperature=1.0)
@@ -312,9 +312,9 @@ def test_stale_originals_loss_is_behaviour_weighted_rewrites_are_not() -> None:
     log pi_e and no w."""
     import math
 
+    from cpe_ray.algo import algorithms as alg
+    from cpe_ray.algo.experience import Experience
     from cpe_ray.engines.base import Completion
-    from cpe_ray.rl import algorithms as alg
-    from cpe_ray.rl.experience import Experience
     from cpe_ray.rl.sampling import Answer
     from cpe_ray.rl.trainer import Trainer
 

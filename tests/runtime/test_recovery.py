@@ -42,7 +42,7 @@ def test_dead_engines_come_back_in_their_bundles_and_work_as_before() -> None:
     import torch
 
     from cpe_ray.judges.base import JudgeRequest
-    from cpe_ray.judges.client import JudgeClient
+    from cpe_ray.runtime.judging import JudgeClient
     from cpe_ray.runtime.recovery import RestartLimitError, Supervisor
     from cpe_ray.runtime.remote import RemoteError
     from cpe_ray.runtime.start import start_runtime

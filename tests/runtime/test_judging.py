@@ -8,13 +8,13 @@ import json
 import pytest
 
 from cpe_ray.config import load_config
-from cpe_ray.judges.client import judge_in_driver
 from cpe_ray.judges.grm import (
     build_grm_messages,
     load_grm_template,
     parse_judgement,
     weighted_reward,
 )
+from cpe_ray.judges.registry import judge_in_driver
 from tests.evaluation_server import ChatServer, grm_policy
 
 KEY_ENV = "CPE_RAY_TEST_GRM_KEY"

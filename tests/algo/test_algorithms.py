@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpe_ray.rl.algorithms import (
+from cpe_ray.algo.algorithms import (
     EDIT_RATIO_EPS,
     KL_CLAMP,
     aggregate_loss,

@@ -393,3 +393,8 @@ def open_cuda(handle: tuple[Any, ...], device_index: int) -> torch.Tensor:
     args = list(args)
     args[6] = device_index  # the sender's device ordinal can differ under CUDA_VISIBLE_DEVICES
     return rebuild(*args)
+
+
+def gpu_uuid(device_index: int) -> str:
+    """The GPU's UUID: the same in every process, unlike ordinals under CUDA_VISIBLE_DEVICES."""
+    return str(torch.cuda.get_device_properties(device_index).uuid)

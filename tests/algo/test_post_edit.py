@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpe_ray.errors import TemplateError
-from cpe_ray.rl.post_edit import (
+from cpe_ray.algo.post_edit import (
     TRUNCATION_MARK,
     RewriteInfo,
     build_edit_messages,
@@ -18,6 +17,7 @@ from cpe_ray.rl.post_edit import (
     needs_rewards,
     select_rewrites,
 )
+from cpe_ray.errors import TemplateError
 
 
 def batch(rewards: list[float], originals: list[float] | None = None, per_q: int = 4):

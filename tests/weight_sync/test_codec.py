@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpe_ray.runtime.weight_sync import (
+from cpe_ray.weight_sync.codec import (
     ALIGN_BYTES,
     Bucket,
     GroupSpec,
