@@ -15,7 +15,8 @@ import torch
 from actors.ranks import RankActor
 from cpe_ray.algo.experience import Experience
 from cpe_ray.learners.ppo import PPOLearnerCore, TrainShard
-from cpe_ray.weight_sync.codec import GroupSpec, Manifest, SyncStats
+from cpe_ray.weight_sync.codec import Manifest
+from cpe_ray.weight_sync.group import GroupSpec, SyncStats
 
 
 @ray.remote
@@ -45,16 +46,16 @@ class PPOLearner(RankActor):
         return self.core.policy_state()
 
     def weight_manifest(self) -> Manifest:
-        return self.core.weight_manifest()
+        return self.core.weights.manifest()
 
     def join_weight_group(self, spec: GroupSpec, manifest: Manifest) -> bool:
-        return self.core.join_weight_group(spec, manifest)
+        return self.core.weights.join(spec, manifest)
 
     def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
-        return self.core.broadcast_weights(manifest)
+        return self.core.weights.broadcast(manifest)
 
     def push_weights_ipc(self, manifest: Manifest, engine: Any | None, tp: int) -> SyncStats:
         def load(handles, bucket):
             ray.get(engine.load_ipc.remote(handles, bucket))
 
-        return self.core.push_weights_ipc(manifest, load if engine is not None else None, tp)
+        return self.core.weights.push_ipc(manifest, load if engine is not None else None, tp)

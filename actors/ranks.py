@@ -15,7 +15,7 @@ import ray
 import torch
 
 from cpe_ray.config import Config
-from cpe_ray.weight_sync.codec import free_port
+from cpe_ray.weight_sync.group import free_port
 
 
 def rank_address() -> tuple[str, int]:

@@ -31,7 +31,9 @@ from cpe_ray.chat import system_prompt as render_system
 from cpe_ray.config import Config
 from cpe_ray.engines.base import Completion, SamplingParams
 from cpe_ray.engines.factory import make_engine
-from cpe_ray.weight_sync.codec import GroupSpec, Manifest, SyncStats
+from cpe_ray.engines.spec import EngineSpec
+from cpe_ray.weight_sync.codec import Manifest
+from cpe_ray.weight_sync.group import GroupSpec, SyncStats
 
 
 @dataclass
@@ -54,19 +56,8 @@ class PolicyRollout:
 
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg, self.index = cfg, engine_index
-        r = cfg.rollout
-        self.engine = make_engine(
-            r.backend, cfg.policy.model_path, dtype=cfg.policy.dtype,
-            seed=cfg.run.seed + engine_index, use_gpu=cfg.cluster.use_gpu,
-            tensor_parallel_size=r.tensor_parallel_size,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            max_model_len=r.max_prompt_length + max(r.max_new_tokens,
-                                                    cfg.post_edit.max_new_tokens),
-            enable_sleep=r.enable_sleep, max_batch_rows=r.max_batch_rows,
-            bundle_indices=bundle_indices, gpu_fraction=gpu_fraction,
-            trust_remote_code=cfg.policy.trust_remote_code,
-            kv_cache_memory_bytes=r.kv_cache_memory_bytes,
-        )
+        self.engine = make_engine(EngineSpec.for_policy(cfg, engine_index),
+                                  bundle_indices=bundle_indices, gpu_fraction=gpu_fraction)
         from cpe_ray.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.engine.info().model_path,

@@ -38,8 +38,10 @@ import torch
 from cpe_ray.config import load_config
 from cpe_ray.engines.base import SamplingParams
 from cpe_ray.engines.factory import make_engine
+from cpe_ray.engines.spec import EngineSpec
 from cpe_ray.tiny import TinyModelSpec, ensure_tiny_model
-from cpe_ray.weight_sync import codec as ws
+from cpe_ray.weight_sync import codec
+from cpe_ray.weight_sync import group as sync
 
 MB = 1 << 20
 PROMPT_TOKENS = 64  # a persona and a question in the tiny tokenizer are about this long
@@ -77,8 +79,8 @@ def run_together(*fns):
 
 
 def raw_broadcast_seconds(nbytes: int, repeats: int) -> list[float]:
-    spec = ws.GroupSpec("gloo", "127.0.0.1", ws.free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
-    groups = run_together(lambda: ws.SyncGroup(spec, 0), lambda: ws.SyncGroup(spec, 1))
+    spec = sync.GroupSpec("gloo", "127.0.0.1", sync.free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
+    groups = run_together(lambda: sync.SyncGroup(spec, 0), lambda: sync.SyncGroup(spec, 1))
     bufs = [torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)]
     out = []
     for _ in range(repeats):
@@ -96,17 +98,17 @@ def update_seconds(engine, model_path: Path, bucket_mb: int, repeats: int
 
     weights = {n: p.detach().mul(1.5) for n, p in
                AutoModelForCausalLM.from_pretrained(model_path).named_parameters()}
-    manifest = ws.manifest_for(weights.items(), bucket_mb * MB)
-    spec = ws.GroupSpec("gloo", "127.0.0.1", ws.free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
+    manifest = codec.manifest_for(weights.items(), bucket_mb * MB)
+    spec = sync.GroupSpec("gloo", "127.0.0.1", sync.free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
     _, group = run_together(lambda: engine.join_weight_group(spec, 1),
-                            lambda: ws.SyncGroup(spec, 0))
+                            lambda: sync.SyncGroup(spec, 0))
     greedy = SamplingParams(temperature=0, max_new_tokens=8)
     before = engine.generate(prompts(1, 0), greedy)[0].token_ids
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
         run_together(lambda: engine.receive_weights(manifest),
-                     lambda: ws.send_buckets(group, manifest, lambda b: nullcontext(weights)))
+                     lambda: sync.send_buckets(group, manifest, lambda b: nullcontext(weights)))
         out.append(time.perf_counter() - start)
     changed = engine.generate(prompts(1, 0), greedy)[0].token_ids != before
     return out, manifest.total_bytes, changed
@@ -139,13 +141,13 @@ def main() -> None:
         result["model"] = {"hidden": args.hidden, "layers": args.layers, "parameters": sum(
             p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())}
         gen: dict = {}
-        hf = make_engine("hf", str(model), dtype="float32", seed=0, use_gpu=False,
-                         max_batch_rows=r.max_batch_rows)
+        hf = make_engine(EngineSpec("hf", str(model), dtype="float32", seed=0, use_gpu=False,
+                                    max_batch_rows=r.max_batch_rows))
         gen["hf"] = {name: throughput(hf, b, params, args.repeats) for name, b in batches.items()}
         del hf
-        vllm = make_engine("vllm", str(model), dtype="float32", seed=0, use_gpu=False,
-                           max_model_len=PROMPT_TOKENS + r.max_new_tokens,
-                           kv_cache_memory_bytes=KV_CACHE_BYTES)
+        vllm = make_engine(EngineSpec("vllm", str(model), dtype="float32", seed=0, use_gpu=False,
+                                      max_model_len=PROMPT_TOKENS + r.max_new_tokens,
+                                      kv_cache_memory_bytes=KV_CACHE_BYTES))
         gen["vllm"] = {name: throughput(vllm, b, params, args.repeats)
                        for name, b in batches.items()}
         result["generation"] = gen

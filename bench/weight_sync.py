@@ -33,13 +33,12 @@ from pathlib import Path
 import ray
 import torch
 
-from cpe_ray.weight_sync.codec import (
+from cpe_ray.weight_sync.codec import dtype_from_name, plan_manifest
+from cpe_ray.weight_sync.group import (
     GroupSpec,
     SyncGroup,
     adopt_buckets,
-    dtype_from_name,
     free_port,
-    plan_manifest,
     receive_buckets,
     receive_into,
     send_buckets,

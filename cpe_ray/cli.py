@@ -50,10 +50,11 @@ def _cmd_serve_judge(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from cpe_ray.config import config_to_yaml, load_config
+    """The resolved config with each key's help as a comment above it; with no arguments,
+    exactly conf/default.yaml (`cpe-ray config > conf/default.yaml` regenerates it)."""
+    from cpe_ray.config import commented_yaml, load_config
 
-    cfg = load_config(args.config, args.overrides)
-    print(config_to_yaml(cfg), end="")
+    print(commented_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
@@ -96,9 +97,12 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cpe_ray.config import load_config
-    from cpe_ray.run import train
+    from cpe_ray.runs import check_cluster
 
     cfg = load_config(args.config, args.overrides)
+    check_cluster(cfg)  # before training's imports (seconds): a wrong address says so at once
+    from cpe_ray.run import train
+
     summary = train(cfg)
     run_dir = summary["run_dir"]
     print(f"done: {summary['steps']} steps (resumed from step {summary['resumed_from']})")
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=0")
     p.set_defaults(func=_cmd_serve_judge)
 
-    p = sub.add_parser("config", help="validate a config and print it resolved")
+    p = sub.add_parser("config", help="validate a config and print it resolved, each key "
+                       "with its help (no arguments: conf/default.yaml)")
     p.add_argument("--config", default=None, help="YAML file on top of the defaults")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.kl_coef=0.01")
     p.set_defaults(func=_cmd_config)

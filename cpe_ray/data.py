@@ -17,6 +17,8 @@ Conventions shared by every loader:
   bad line; `on_bad="skip"` drops bad lines and lists them in `LoadResult.problems`
   (`len(problems) == skipped` always).
 - Blank lines are ignored. A missing file, or one with no valid records, is a `DataError`.
+- A record over `max_record_bytes` (`data.max_record_bytes`; a JSONL line, a parquet row's
+  user turn) is a bad record, before it is parsed.
 - Text fields are kept verbatim (only checked to be non-blank); personas are rendered.
 """
 
@@ -32,6 +34,7 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 
 from cpe_ray.chat import Message, load_policy_system_template, render_persona, system_prompt
+from cpe_ray.config.schema import MAX_RECORD_BYTES
 from cpe_ray.errors import DataError
 from cpe_ray.paths import resolve_path
 from cpe_ray.prompts import PromptTemplate
@@ -139,11 +142,20 @@ class _Bad(Exception):
 class _Collector:
     """Applies the on_bad policy: raise at the first bad line, or count and describe it."""
 
-    def __init__(self, on_bad: BadRecordPolicy) -> None:
+    def __init__(self, on_bad: BadRecordPolicy, max_bytes: int = MAX_RECORD_BYTES) -> None:
         if on_bad not in ("error", "skip"):
             raise DataError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-        self.on_bad = on_bad
+        self.on_bad, self.max_bytes = on_bad, max_bytes
         self.problems: list[str] = []
+
+    def too_long(self, where: str, size: int) -> bool:
+        """Whether a record of `size` bytes is over the limit (then reported as bad)."""
+        if size <= self.max_bytes:
+            return False
+        self.bad(where, _Bad(f"the record is {size:,} bytes, over data.max_record_bytes "
+                             f"({self.max_bytes:,})", "shorten it, or raise "
+                             "data.max_record_bytes if such records are meant"))
+        return True
 
     def bad(self, where: str, err: _Bad) -> None:
         if self.on_bad == "error":
@@ -178,6 +190,8 @@ def _lines(path: Path, col: _Collector) -> Iterator[tuple[int, Any]]:
         if not text.strip():
             continue
         n_values += 1
+        if col.too_long(f"{path}:{lineno}", len(raw)):
+            continue
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
@@ -202,8 +216,9 @@ def _parse_lines(path: Path, col: _Collector,
 
 
 def _load(path: Path, what: str, on_bad: BadRecordPolicy,
-          parse: Callable[[dict[str, Any], int], T]) -> LoadResult[T]:
-    col = _Collector(on_bad)
+          parse: Callable[[dict[str, Any], int], T],
+          max_bytes: int = MAX_RECORD_BYTES) -> LoadResult[T]:
+    col = _Collector(on_bad, max_bytes)
     return col.result(_parse_lines(path, col, parse), f"{what} in {path}")
 
 
@@ -267,7 +282,8 @@ def _is_parquet(path: Path) -> bool:
         return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
 
 
-def load_prompts(path: str | Path, on_bad: BadRecordPolicy = "error") -> LoadResult[PromptRecord]:
+def load_prompts(path: str | Path, on_bad: BadRecordPolicy = "error",
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> LoadResult[PromptRecord]:
     """Prompts JSONL: `persona` (string or object), `question`, optional `id` (str or int).
 
     A missing id defaults to "<file stem>-<line>"; a repeated id is a bad record. A parquet
@@ -276,7 +292,7 @@ def load_prompts(path: str | Path, on_bad: BadRecordPolicy = "error") -> LoadRes
     """
     p = _existing_file(path, "prompts")
     if _is_parquet(p):
-        return load_verl_prompts(p, on_bad)
+        return load_verl_prompts(p, on_bad, max_record_bytes)
     if p.suffix == ".parquet":
         raise DataError(f"{p}: named .parquet but does not start with {PARQUET_MAGIC!r}, so "
                         "it is no parquet file (a Git LFS pointer?); fetch the real file")
@@ -291,7 +307,7 @@ def load_prompts(path: str | Path, on_bad: BadRecordPolicy = "error") -> LoadRes
         seen[rid] = lineno
         return record
 
-    return _load(p, "prompts", on_bad, parse)
+    return _load(p, "prompts", on_bad, parse, max_record_bytes)
 
 
 def _release_user_turn(content: str) -> tuple[str, str]:
@@ -332,8 +348,8 @@ def _verl_user_turn(messages: Any) -> str:
     return users[-1]["content"]
 
 
-def load_verl_prompts(path: str | Path, on_bad: BadRecordPolicy = "error"
-                      ) -> LoadResult[PromptRecord]:
+def load_verl_prompts(path: str | Path, on_bad: BadRecordPolicy = "error",
+                      max_record_bytes: int = MAX_RECORD_BYTES) -> LoadResult[PromptRecord]:
     """verl-layout parquet prompts as the release ships them (`eval/data/RL_data/*.parquet`).
 
     Column `prompt` holds the chat messages; the last user turn embeds the persona's JSON
@@ -361,14 +377,17 @@ def load_verl_prompts(path: str | Path, on_bad: BadRecordPolicy = "error"
     prompts = table.column(VERL_PROMPT_COLUMN).to_pylist()
     extras = (table.column(VERL_EXTRA_COLUMN).to_pylist()
               if VERL_EXTRA_COLUMN in table.column_names else [None] * len(prompts))
-    col = _Collector(on_bad)
+    col = _Collector(on_bad, max_record_bytes)
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
     for row, (messages, extra) in enumerate(zip(prompts, extras, strict=True)):
         index = extra.get("index") if isinstance(extra, Mapping) else None
         rid = f"{p.stem}-{index if isinstance(index, int) else row}"
         try:
-            persona, question = _release_user_turn(_verl_user_turn(messages))
+            turn = _verl_user_turn(messages)
+            if col.too_long(f"{p}[{row}]", len(turn.encode("utf-8"))):
+                continue
+            persona, question = _release_user_turn(turn)
             if rid in seen:
                 raise _Bad(f"duplicate id '{rid}' (first in row {seen[rid]})",
                            "give every row a unique extra_info.index")

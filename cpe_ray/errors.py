@@ -15,6 +15,11 @@ from contextlib import contextmanager
 from typing import Any
 
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+# SIGHUP (the terminal closed) stops a run as SIGTERM does: its default would end the
+# process with no line and leave Ray's processes running. A process started with it
+# ignored (nohup) keeps ignoring it, as its user asked.
+if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+    STOP_SIGNALS[signal.SIGHUP] = "SIGHUP (terminal closed)"
 
 
 class CpeError(Exception):

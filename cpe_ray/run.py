@@ -1,10 +1,11 @@
 """`cpe-ray train`: check everything cheap first, then start Ray, the runtime and the loop.
 
-Order: config (already validated), data records (skipped ones listed), judge backend, model
-path (the tiny model is built here if needed) - each failing with one line before any actor
-starts - then the run directory (refused if it holds another run), Ray, the placement and
-actors, an optional resume (logs cut back to the checkpoint's step), the loop, checkpoints
-(by steps and by minutes, each whole or absent), and a summary of where everything is.
+Order: config (already validated), data records (skipped ones listed), what the actors
+would need (templates, judge backend, vLLM if named, model paths; the tiny model is built here
+if needed: `check_startup`) - each failing with one line before Ray starts - then the run
+directory (refused if it holds another run), Ray, the placement and actors, an optional
+resume (logs cut back to the checkpoint's step), the loop, checkpoints (by steps and by
+minutes, each whole or absent), and a summary of where everything is.
 
 The loop survives its actors: an engine that dies is started again and the step redone; a
 learner that dies is started again from the newest whole checkpoint and the steps since are
@@ -27,24 +28,32 @@ from cpe_ray.errors import (
     quiet_stop_signals,
     stop_signals,
 )
-from cpe_ray.judges.registry import check_backend
+from cpe_ray.judges.base import JudgeError
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
 from cpe_ray.runs import (
     POLICY_DIR,
+    TRAIN_RUN_KEYS,
     SavePolicy,
+    check_cluster,
     checkpoints,
     init_ray,
     note,
     open_run,
     progress_bar,
     read_trainer_state,
+    release_run,
     restore,
     write_checkpoint,
 )
 from cpe_ray.runtime.judging import JudgeClient
+from cpe_ray.runtime.start import check_startup
 
 SHOWN_PROBLEMS = 3  # skipped data records listed by file:line (the rest counted)
+# Tokens a chat template may add around the system and user turns (role markers, a date
+# line). With them the system prompt's UTF-8 bytes bound its tokens from above (a token is at
+# least one byte): a rollout.max_prompt_length over that fits without loading the tokenizer.
+CHAT_TEMPLATE_ALLOWANCE = 128
 # Metrics that count prompts over rollout.max_prompt_length (warned about once a run)
 TRUNCATION_METRICS = ("rollout/questions_shortened", "rollout/prompts_cut_left",
                       "post_edit/truncated_prompts")
@@ -52,7 +61,7 @@ TRUNCATION_METRICS = ("rollout/questions_shortened", "rollout/prompts_cut_left",
 
 def _load_records(cfg: Config) -> list:
     path = resolve_path(cfg.data.train_path)
-    loaded = load_prompts(path, cfg.data.on_bad_record)
+    loaded = load_prompts(path, cfg.data.on_bad_record, cfg.data.max_record_bytes)
     if loaded.skipped:
         shown = "; ".join(loaded.problems[:SHOWN_PROBLEMS])
         more = f"; {loaded.skipped - SHOWN_PROBLEMS} more" if (
@@ -64,16 +73,47 @@ def _load_records(cfg: Config) -> list:
 
 def train(cfg: Config, progress: bool = True) -> dict:
     with stop_signals():
+        check_cluster(cfg)  # first: a wrong address is the cheapest mistake to report
         records = _load_records(cfg)
         if len(records) < cfg.trainer.rollout_batch_size:
             raise ConfigError(f"{cfg.data.train_path} has {len(records)} prompts, fewer than "
                               f"trainer.rollout_batch_size ({cfg.trainer.rollout_batch_size})")
-        check_backend(cfg)
-        resolve_model_path(cfg.policy.model_path)
-        if cfg.grm.model_path:
-            resolve_model_path(cfg.grm.model_path)
-        run_dir, resume = open_run(cfg, None, cfg.trainer.resume, "trainer.resume")
-        return _train_on_ray(cfg, records, run_dir, resume, progress)
+        check_startup(cfg)
+        _check_prompt_room(cfg, records)
+        run_dir, resume = open_run(cfg, None, cfg.trainer.resume, "trainer.resume",
+                                   TRAIN_RUN_KEYS, cfg.trainer.resume_override)
+        try:
+            return _train_on_ray(cfg, records, run_dir, resume, progress)
+        finally:
+            release_run(run_dir)
+
+
+def _check_prompt_room(cfg: Config, records: list) -> None:
+    """rollout.max_prompt_length must hold the policy's prompt before its question: the
+    system turn with the longest persona (in characters) in the chat template. A shorter
+    limit would cut every such prompt from its start, persona and all."""
+    from cpe_ray.chat import (
+        apply_chat_template,
+        build_policy_messages,
+        load_policy_system_template,
+        system_prompt,
+    )
+    from cpe_ray.models import load_tokenizer
+
+    template = load_policy_system_template(cfg.policy.system_template)
+    persona = max((r.persona for r in records), key=len)
+    most = len(system_prompt(template, persona).encode("utf-8")) + CHAT_TEMPLATE_ALLOWANCE
+    if cfg.rollout.max_prompt_length >= most:
+        return
+    tokenizer = load_tokenizer(resolve_model_path(cfg.policy.model_path),
+                               cfg.policy.trust_remote_code)
+    need = len(apply_chat_template(tokenizer, build_policy_messages(persona, "", template)))
+    if cfg.rollout.max_prompt_length < need:
+        raise ConfigError(
+            f"rollout.max_prompt_length={cfg.rollout.max_prompt_length} cannot hold the "
+            f"policy's prompt before its question: {need} tokens (policy.system_template with "
+            f"the longest persona of {cfg.data.train_path}, in the chat template); set it to "
+            f"at least {need}, plus room for the questions")
 
 
 def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None,
@@ -102,15 +142,14 @@ def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None
                  f"({tracker.dropped} row(s) of later steps dropped)")
         judge = JudgeClient(cfg, rt.grms, rt.grm_labels)
         trainer = Trainer(cfg, rt, judge, records, tracker)
-        if resume is not None:
-            trainer.restore_files(resume)
+        trainer.restore(resume)
         supervisor = Supervisor(
             rt, cfg.trainer.max_restarts, judge.actors, log=lambda line: print(line, flush=True),
             restarts=int(carried.get("restarts", 0)),
             seconds_lost=float(carried.get("seconds_lost", 0.0)),
             restore_point=Restorable(resume, start),
             rewind_on_engine_fault=cfg.trainer.off_policy_steps > 0,
-            on_rewind=lambda ckpt: _rewind_trainer(trainer, ckpt))
+            on_rewind=trainer.restore)
         loop = Loop(cfg, run_dir, trainer, tracker, supervisor, progress)
         return loop.run(start, resume)
     finally:
@@ -123,15 +162,6 @@ def _train_on_ray(cfg: Config, records: list, run_dir: Path, resume: Path | None
             ray.shutdown()
 
 
-def _rewind_trainer(trainer: Any, checkpoint: Path | None) -> None:
-    """The controller's own state at a restore point: the batches sampled ahead that the
-    checkpoint holds (none at the start of the run)."""
-    if checkpoint is not None:
-        trainer.restore_files(checkpoint)
-    else:
-        trainer.inflight = {}
-
-
 class Loop:
     """The steps of one `cpe-ray train` process, with checkpoints and fault recovery."""
 
@@ -142,9 +172,10 @@ class Loop:
         self.saver = SavePolicy(cfg.trainer.save_every, cfg.trainer.save_every_minutes)
         self.whole: dict[int, Path] = {}  # checkpoints written (or resumed from), by step
         self.warned_truncation = False
+        self.unparsed_steps = 0  # steps in a row over grm.max_parse_failure_frac
 
     def run(self, start: int, resume: Path | None) -> dict:
-        from cpe_ray.rl.trainer import step_summary
+        from cpe_ray.rl.compute import step_summary
 
         if resume is not None:
             self.whole[start] = resume
@@ -159,6 +190,7 @@ class Loop:
                     continue
                 last = metrics
                 self._warn_truncation(metrics)
+                self._watch_parses(step, metrics)
                 if self.progress:
                     bar.write(step_summary(step - 1, total, last))
                     bar.set_postfix(reward=f"{last.get('reward/original/weighted', 0.0):+.3f}")
@@ -207,6 +239,25 @@ class Loop:
         self.whole[done] = path
         sup.restore_point = Restorable(path, done)
         self.saver.saved()
+
+    def _watch_parses(self, done: int, metrics: dict[str, float]) -> None:
+        """Warn about a step whose judgements failed to parse past grm.max_parse_failure_frac;
+        stop after grm.parse_failure_patience such steps in a row."""
+        g = self.cfg.grm
+        frac = metrics.get("grm/parse_failure_frac", 0.0)
+        self.unparsed_steps = self.unparsed_steps + 1 if frac > g.max_parse_failure_frac else 0
+        if not self.unparsed_steps:
+            return
+        if self.unparsed_steps >= g.parse_failure_patience:
+            raise JudgeError(
+                f"the judge failed to parse over grm.max_parse_failure_frac="
+                f"{g.max_parse_failure_frac:g} of its judgements in steps "
+                f"{done - self.unparsed_steps + 1}-{done} (grm.parse_failure_patience="
+                f"{g.parse_failure_patience}); check its output format (cpe-ray grm-parse) "
+                "or its prompt")
+        note(f"warning: step {done}: the judge failed to parse {frac:.0%} of its judgements "
+             f"(over grm.max_parse_failure_frac={g.max_parse_failure_frac:g}); the run stops "
+             f"after {g.parse_failure_patience} such steps in a row")
 
     def _warn_truncation(self, metrics: dict[str, float]) -> None:
         counts = {k: int(metrics.get(k, 0)) for k in TRUNCATION_METRICS if metrics.get(k)}

@@ -15,24 +15,46 @@ with `run.checkpoint_checksums`, the sha256 of every file) written last, and the
 renamed into place. It is *whole* when every file of its manifest is there with that size
 (and checksum): `resume=auto` takes the newest whole one and says which newer ones it skipped
 and why; temporary directories that a crash left behind are removed when a run opens.
+
+A run directory is owned by one live process: `open_run` takes an exclusive `flock` on its
+`.lock` before it writes anything, and the system drops the lock when that process ends,
+however it ends. Resuming a run with a config that differs in what makes the run (its
+`fixed` keys: the seed, the data, the batch shape, the models) is refused unless
+`<resume key>_override` is set; `config.yaml` is always the current config, and each
+earlier one is kept as `config.<n>.yaml` (1 the oldest).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpe_ray.config import Config, save_config
-from cpe_ray.errors import ConfigError, CpeError, RunIOError, describe_os_error
+import yaml
+from omegaconf import OmegaConf
+
+from cpe_ray.config import Config, config_to_yaml, save_config
+from cpe_ray.errors import (
+    STOP_SIGNALS,
+    ConfigError,
+    CpeError,
+    RunIOError,
+    Stopped,
+    describe_os_error,
+    quiet_stop_signals,
+)
 from cpe_ray.paths import resolve_path, sha256_file
 
 # Set by Ray's job supervisor for a job's driver only (not by `ray start`, not in a shell).
@@ -52,7 +74,20 @@ RUN_ARTIFACTS = (METRICS_FILE, SAMPLES_FILE, "checkpoints", "wandb", "summary.js
 # (DeepSpeed's torch.save then says "unexpected pos ...", not ENOSPC).
 DISK_FULL_MARGIN_BYTES = 1024**2
 MB = 1024**2
-CONNECT_RETRY_S = 1.0  # between attempts to reach cluster.address
+# Between attempts to reach cluster.address, and the longest one attempt waits: a signal is
+# answered between attempts, so Ctrl-C and SIGTERM stop the wait within about this long.
+CONNECT_RETRY_S = 1.0
+LOCK_FILE = ".lock"  # flock'ed by the process that owns the run directory
+CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY = re.compile(r"config\.(\d+)\.yaml")  # earlier configs of the run, 1 the oldest
+# What makes a `cpe-ray train` run: resuming it with other values of these is refused unless
+# trainer.resume_override (seed and data; batch shape; the models; what the state holds)
+TRAIN_RUN_KEYS = (
+    "run.seed", "data.train_path", "data.shuffle", "data.on_bad_record",
+    "trainer.rollout_batch_size", "rollout.n_samples_per_prompt", "ppo.mini_batch_size",
+    "ppo.mini_batch_unit", "policy.model_path", "learner.critic_model_path", "grm.backend",
+    "grm.model_path", "ppo.advantage_estimator", "learner.use_reference",
+    "trainer.off_policy_steps")
 
 
 def note(message: str) -> None:
@@ -73,50 +108,140 @@ def ray_address(cfg: Config, environ: Mapping[str, str] = os.environ) -> str | N
     return "auto" if JOB_DRIVER_ENV in environ else None
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    """(host, port) of host:port or ray://host:port; an IPv6 host is written [::1]:6379."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not host or not port.isdigit() or (":" in host and not bracketed):
+        raise ConfigError(f"cluster.address={address!r} is not host:port, ray://host:port or "
+                          "auto (an IPv6 host in brackets: [::1]:6379)")
+    return host.strip("[]"), int(port)
+
+
+def _ray_answers(address: str, timeout_s: float) -> tuple[bool, str]:
+    """(True, "") when Ray answers one gRPC call at `address` within `timeout_s` (its GCS for
+    host:port, its client server for ray://), else (False, gRPC's status and detail)."""
+    import grpc
+
+    target = address.removeprefix("ray://")
+    channel = grpc.insecure_channel(target)
+    try:
+        if address.startswith("ray://"):
+            from ray.core.generated import ray_client_pb2 as client_pb
+            from ray.core.generated import ray_client_pb2_grpc as client_grpc
+
+            client_grpc.RayletDriverStub(channel).ClusterInfo(
+                client_pb.ClusterInfoRequest(type=client_pb.ClusterInfoType.PING),
+                timeout=timeout_s)
+        else:
+            from ray.core.generated import gcs_service_pb2 as gcs_pb
+            from ray.core.generated import gcs_service_pb2_grpc as gcs_grpc
+
+            gcs_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_pb.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        # a cluster with token authentication refuses us, but it is Ray that refuses
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return True, ""
+        return False, f"{code.name.lower()}: {' '.join(str(exc.details()).split())[:200]}"
+    finally:
+        channel.close()
+    return True, ""
+
+
+def _not_http2(reason: str) -> bool:
+    """gRPC's words for a server that answered in something other than HTTP/2 (an HTTP/1
+    server, the dashboard): no Ray will come up behind it, so there is no point waiting."""
+    return "parsing HTTP/2" in reason or "http1" in reason.lower()
+
+
 def wait_reachable(address: str, timeout_s: float) -> None:
-    """Until `address` (host:port or ray://host:port) accepts a TCP connection, at most
-    `timeout_s`; else one line. Ray's own connect retries for minutes and prints a warning
-    every few seconds, so an unreachable cluster is caught here before `ray.init`."""
+    """Until Ray answers at `address` (host:port of its GCS, or ray://host:port of its client
+    server), at most `timeout_s`; else one line. The port must accept a connection and Ray
+    must answer a gRPC call: `ray.init` against anything else that listens there (an HTTP
+    server, the dashboard's port, a silent socket) retries forever inside C++, where neither
+    Ctrl-C nor SIGTERM reaches it. Each attempt takes at most CONNECT_RETRY_S, so a signal
+    stops the wait within about that long."""
     if address == "auto":
         return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"cluster.address={address!r} is not host:port, ray://host:port or "
-                          "auto")
+    host, port = _host_port(address)
+    hint = "(cluster.connect_timeout_s sets the wait)"
     deadline = time.monotonic() + timeout_s
+    opened = False  # the port accepted a connection at least once
     while True:
+        began = time.monotonic()
+        attempt_s = max(min(deadline - began, CONNECT_RETRY_S), 0.1)
         try:
-            left = max(deadline - time.monotonic(), CONNECT_RETRY_S)
-            with socket.create_connection((host, int(port)), timeout=left):
-                return
+            with socket.create_connection((host, port), timeout=attempt_s):
+                listening, reason = True, ""
         except OSError as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
-                raise CpeError(
-                    f"cluster.address={address}: no Ray cluster answered within {timeout_s:g} s "
-                    f"({reason}); start it (ray start --head) or fix the address "
-                    "(cluster.connect_timeout_s sets the wait)") from None
-        time.sleep(min(CONNECT_RETRY_S, left))
+            listening, reason = False, (exc.strerror or str(exc) or type(exc).__name__).lower()
+        opened = opened or listening
+        if listening and os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS cluster's certificates are Ray's business: the port has to do
+        if listening:
+            answered, reason = _ray_answers(address, attempt_s)
+            if answered:
+                return
+            if _not_http2(reason) or "unimplemented" in reason:
+                raise CpeError(f"cluster.address={address}: something listens there but it "
+                               f"is not Ray ({reason}); give the address of Ray's GCS "
+                               "(`ray start --head` prints it, port 6379 by default) or "
+                               "ray://host:10001 for Ray Client")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if opened:
+                raise CpeError(f"cluster.address={address}: the port is open but no Ray "
+                               f"answered within {timeout_s:g} s ({reason}); give the address "
+                               f"of Ray's GCS (port 6379 by default) or ray://host:10001 {hint}")
+            raise CpeError(
+                f"cluster.address={address}: no Ray cluster answered within {timeout_s:g} s "
+                f"({reason}); start it (ray start --head) or fix the address {hint}")
+        time.sleep(max(min(began + CONNECT_RETRY_S - time.monotonic(), left), 0))
+
+
+def check_cluster(cfg: Config) -> None:
+    """That Ray answers at `cluster.address` (`wait_reachable`); a local Ray has nothing to
+    check."""
+    address = ray_address(cfg)
+    if address:
+        wait_reachable(address, cfg.cluster.connect_timeout_s)
 
 
 def init_ray(cfg: Config) -> bool:
-    """Connect to (or start) Ray unless this process already has; True if it did."""
+    """Connect to (or start) Ray unless this process already has; True if it did.
+
+    A stop (Ctrl-C, SIGTERM, SIGHUP) or a failure half-way through `ray.init` ends the Ray
+    processes it had started, and the caller's signal handlers are back afterwards (`ray.init`
+    sets a SIGTERM handler of its own that exits without any cleanup)."""
     import ray
 
     if ray.is_initialized():
         return False
+    check_cluster(cfg)
     address = ray_address(cfg)
-    if address:
-        wait_reachable(address, cfg.cluster.connect_timeout_s)
-        try:
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS} if main else {}
+    try:
+        if address:
             ray.init(address=address, log_to_driver=False)
-        except ConnectionError as exc:
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    except BaseException as exc:
+        quiet_stop_signals()
+        ray.shutdown()
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:  # Ray's handler
+            raise Stopped(f"stopped by {STOP_SIGNALS[signal.SIGTERM]}",
+                          128 + signal.SIGTERM) from None
+        if isinstance(exc, ConnectionError):
             detail = " ".join(str(exc).split())[:300]
             raise CpeError(f"cluster.address={address}: could not join the Ray cluster "
                            f"({detail})") from None
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return True
 
 
@@ -163,13 +288,109 @@ def describe_run(run_dir: Path) -> str | None:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Remove what a run wrote (`RUN_ARTIFACTS`), for `run.overwrite=true`."""
+    """Remove what a run wrote (`RUN_ARTIFACTS`, its earlier configs), for
+    `run.overwrite=true`."""
     for name in RUN_ARTIFACTS:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    for path in run_dir.glob("config.*.yaml"):
+        if CONFIG_HISTORY.fullmatch(path.name):
+            path.unlink()
+
+
+_OWNED: dict[Path, int] = {}  # run directories this process holds the lock of: their fds
+
+
+def own_run(run_dir: Path) -> bool:
+    """Take `run_dir`'s lock for this process, True if it was not held yet; one line if
+    another live process holds it. The system releases a flock when its process ends, kill -9
+    included, so a lock is never stale; the file stays (removing it would race a process
+    opening it)."""
+    key = run_dir.resolve()
+    if key in _OWNED:
+        return False
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = " ".join(os.pread(fd, 4096, 0).decode("utf-8", "replace").split())
+        os.close(fd)
+        raise CpeError(f"{run_dir} is in use by another run ({holder or 'a process starting'}"
+                       "); wait for it to end, or choose another run name") from None
+    except OSError as exc:  # a file system without locks (some network mounts)
+        os.close(fd)
+        note(f"warning: {describe_os_error(exc, 'cannot lock', path)}; nothing stops a "
+             "second run from writing into the same directory")
+        return False
+    _OWNED[key] = fd
+    holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode()
+    try:  # who holds it, for the line another process says; the lock does not need it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+    except OSError:
+        pass  # a full disk: the next write (config.yaml) says so, naming its file
+    return True
+
+
+def release_run(run_dir: Path) -> None:
+    """Give `run_dir`'s lock back (a process's end does it too)."""
+    fd = _OWNED.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the file releases its flock
+
+
+def _value(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+_MISSING = object()  # a key an older config.yaml does not have
+
+
+def changed_run_keys(cfg: Config, saved: Path, keys: Sequence[str]) -> list[str]:
+    """`key old -> new` for each of `keys` whose value in `cfg` differs from the config.yaml
+    at `saved`; keys that file lacks (an older version's) are not compared."""
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunIOError(f"{saved} is unreadable ({type(exc).__name__}), so a resume cannot "
+                         "be checked against the run's config; restore or remove it") from None
+    new = OmegaConf.to_container(OmegaConf.structured(cfg))
+    changed = []
+    for key in keys:
+        before, now = _value(old, key), _value(new, key)
+        if before is not _MISSING and before != now:
+            changed.append(f"{key} {before} -> {now}")
+    return changed
+
+
+def _save_config(cfg: Config, run_dir: Path) -> str | None:
+    """Write `config.yaml`; an earlier, different one is kept as `config.<n>.yaml` (its name
+    returned)."""
+    path = run_dir / CONFIG_FILE
+    text = config_to_yaml(cfg)
+    kept = None
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        numbers = [int(m.group(1)) for p in run_dir.glob("config.*.yaml")
+                   if (m := CONFIG_HISTORY.fullmatch(p.name))]
+        kept = f"config.{max(numbers, default=0) + 1}.yaml"
+        shutil.copyfile(path, run_dir / kept)
+    try:
+        save_config(cfg, path)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+    return kept
 
 
 def remove_partial(run_dir: Path) -> list[str]:
@@ -190,44 +411,72 @@ def _inside(path: Path, run_dir: Path) -> bool:
     return True
 
 
-def open_run(cfg: Config, name: str | None, resume_mode: str, resume_key: str
-             ) -> tuple[Path, Path | None]:
-    """The run directory (created, with the resolved `config.yaml`) and the checkpoint to
-    resume from (`resume_mode` is the config key `resume_key`), checked before Ray starts.
+def open_run(cfg: Config, name: str | None, resume_mode: str, resume_key: str,
+             fixed: Sequence[str] = (), override: bool = False) -> tuple[Path, Path | None]:
+    """The run directory (created, locked for this process, with the resolved `config.yaml`)
+    and the checkpoint to resume from (`resume_mode` is the config key `resume_key`), checked
+    before Ray starts.
 
     A directory holding another run is refused unless this job continues it (resume=auto, or a
-    checkpoint inside it) or replaces it (`run.overwrite=true`): one line saying which."""
+    checkpoint inside it) or replaces it (`run.overwrite=true`): one line saying which. One
+    that another live process owns is refused whatever the settings. Continuing the run with
+    other values of its `fixed` keys is refused unless `override` (`<resume_key>_override`)."""
     run_dir = run_dir_for(cfg, name)
-    overwrite = cfg.run.overwrite
-    if overwrite and resume_mode != "never":
+    if cfg.run.overwrite and resume_mode != "never":
         raise ConfigError(f"run.overwrite=true starts {run_dir} afresh, {resume_key}="
                           f"{resume_mode} continues it; set one of them")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name_ in remove_partial(run_dir):
-            note(f"removed the partial checkpoint {run_dir / 'checkpoints' / name_}")
-        resume = find_resume(resume_mode, run_dir, resume_key, cfg.run.checkpoint_checksums)
-        continues = resume_mode == "auto" or (resume is not None and _inside(resume, run_dir))
-        held = None if continues else describe_run(run_dir)
-        if held and not overwrite:
-            raise ConfigError(
-                f"{run_dir} holds another run ({held}); continue it with {resume_key}=auto, "
-                "replace it with run.overwrite=true, or choose another run name")
-        if held:
-            note(f"run.overwrite=true: removing the previous run in {run_dir} ({held})")
-            clear_run(run_dir)
-        config_path = run_dir / "config.yaml"
-        try:
-            save_config(cfg, config_path)
-        except OSError as exc:
-            exc.filename = exc.filename or str(config_path)
-            raise
+        taken = own_run(run_dir)  # before anything else is written or removed
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise RunIOError(describe_os_error(exc, "writing") + "; free space there") from None
-        raise RunIOError(f"run directory {run_dir}: {_dir_problem(run_dir, exc)}; set "
-                         "run.output_dir to a writable directory") from None
-    return run_dir, resume
+        raise _run_io_error(run_dir, exc) from None
+    try:
+        return run_dir, _prepare_run(cfg, run_dir, resume_mode, resume_key, fixed, override)
+    except OSError as exc:
+        if taken:
+            release_run(run_dir)
+        raise _run_io_error(run_dir, exc) from None
+    except BaseException:
+        if taken:  # refused: the directory is free for the next try
+            release_run(run_dir)
+        raise
+
+
+def _prepare_run(cfg: Config, run_dir: Path, resume_mode: str, resume_key: str,
+                 fixed: Sequence[str], override: bool) -> Path | None:
+    """`open_run` once the directory is ours: the checkpoint to resume from."""
+    for name in remove_partial(run_dir):
+        note(f"removed the partial checkpoint {run_dir / 'checkpoints' / name}")
+    resume = find_resume(resume_mode, run_dir, resume_key, cfg.run.checkpoint_checksums)
+    continues = resume_mode == "auto" or (resume is not None and _inside(resume, run_dir))
+    held = None if continues else describe_run(run_dir)
+    if held and not cfg.run.overwrite:
+        raise ConfigError(
+            f"{run_dir} holds another run ({held}); continue it with {resume_key}=auto, "
+            "replace it with run.overwrite=true, or choose another run name")
+    if held:
+        note(f"run.overwrite=true: removing the previous run in {run_dir} ({held})")
+        clear_run(run_dir)
+    changed = changed_run_keys(cfg, run_dir / CONFIG_FILE, fixed) if (
+        resume is not None and _inside(resume, run_dir)) else []
+    if changed and not override:
+        raise ConfigError(
+            f"{resume_key}={resume_mode}: this config differs from the run's in {run_dir} in "
+            f"what makes the run ({', '.join(changed)}); resume with the run's values (its "
+            f"{CONFIG_FILE}), choose another run name, or set {resume_key}_override=true to "
+            "go on with these")
+    kept = _save_config(cfg, run_dir)
+    if changed:
+        note(f"{resume_key}_override=true: going on with {', '.join(changed)}; the run's "
+             f"earlier config is kept as {run_dir / str(kept)}")
+    return resume
+
+
+def _run_io_error(run_dir: Path, exc: OSError) -> RunIOError:
+    if exc.errno == errno.ENOSPC:
+        return RunIOError(describe_os_error(exc, "writing") + "; free space there")
+    return RunIOError(f"run directory {run_dir}: {_dir_problem(run_dir, exc)}; set "
+                      "run.output_dir to a writable directory")
 
 
 def is_due(done: int, total: int, every: int) -> bool:

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from cpe_ray.judges.serve import serve_http, stop_http
-
 Policy = Callable[[list[dict[str, str]]], str]
 _ANSWER = re.compile(r"\[Answer ([AB])\]\n(.*?)\n\[End of Answer \1\]", re.DOTALL)
 
@@ -54,6 +52,23 @@ def grm_policy(messages: list[dict[str, str]]) -> str:
     return (f"<critique>\nThe answer has {words} words; make it more specific to the user.\n"
             f"</critique>\n<scores>\nHelpfulness: {helpful}\nPersonalization: 1\n"
             "Naturalness: 2\n</scores>")
+
+
+def serve_http(host: str, port: int, handler: type[BaseHTTPRequestHandler],
+               name: str) -> ThreadingHTTPServer:
+    """A threading HTTP server bound to (host, port) (0: any free port), answering from a
+    daemon thread named `name` once this returns; `stop_http` ends it. Enough for a test
+    server (`cpe-ray serve-judge` runs on uvicorn, with limits: cpe_ray/judges/asgi.py)."""
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server
+
+
+def stop_http(server: ThreadingHTTPServer) -> None:
+    """Stop serving and close the socket (the handlers' threads are daemons)."""
+    server.shutdown()
+    server.server_close()
 
 
 class ChatServer:

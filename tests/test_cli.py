@@ -41,6 +41,8 @@ def test_config_prints_resolved_yaml() -> None:
     (("grm-parse", "-", "grm.template_placeholders.persona_str=profile"),
      "grm.template_placeholders.persona_str = 'profile' is not one of: persona, question, answer"),
     (("config", "grm.retry_temperature=0"), "grm.retry_temperature = 0.0 is outside (0, inf)"),
+    (("config", "cluster.address=[::1]:6379"), "cluster.address: the value [::1]:6379 is not "
+                                               "valid YAML"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], expected: str) -> None:
     assert_one_line_error(cli(*args), expected)
@@ -60,6 +62,16 @@ def test_binary_config_is_one_line(tmp_path: Path) -> None:
     binary.write_bytes(b"run:\n  name: \xd0\x00\xff")
     assert_one_line_error(cli("train", "--config", str(binary)),
                           f"{binary}: not a text file (byte 0xd0 at offset 13 is not UTF-8)")
+
+
+@pytest.mark.parametrize("text", ["", "# run:\n#   seed: 3\n", "\n\n"])
+def test_a_config_file_that_sets_nothing_is_one_line(tmp_path: Path, text: str) -> None:
+    """Naming a file that changes nothing is a mistake (a wrong or emptied file); the
+    defaults are one `--config` less away."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    assert_one_line_error(cli("train", "--config", str(empty)),
+                          f"{empty} sets nothing (it is empty or only comments)")
 
 
 def test_data_check_demo_sets() -> None:

@@ -548,3 +548,20 @@ def test_release_personafeedback_layout_errors(tmp_path: Path) -> None:
     write_jsonl(lone / "rm_benchmark_all" / "general_easy.jsonl", [case("Bo_7zK")])
     with pytest.raises(DataError, match=r"persona folder not found: .*persona_all"):
         load_personafeedback(lone)
+
+
+def test_a_50_mb_record_is_refused_in_one_line(tmp_path: Path) -> None:
+    from cpe_ray.data import load_prompts
+
+    good = json.dumps({"persona": "a cook", "question": "hi"})
+    huge = json.dumps({"persona": "a cook", "question": "q" * 50 * 1024**2})
+    path = tmp_path / "p.jsonl"
+    path.write_text(f"{good}\n{huge}\n{good.replace('hi', 'ho')}\n")
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    assert str(err.value) == (f"{path}:2: the record is {len(huge):,} bytes, over "
+                              "data.max_record_bytes (1,048,576); shorten it, or raise "
+                              "data.max_record_bytes if such records are meant")
+    skipped = load_prompts(path, "skip")
+    assert len(skipped.records) == 2 and skipped.problems[0].startswith(f"{path}:2: the record")
+    assert len(load_prompts(path, "error", 60 * 1024**2).records) == 3  # a limit of one's own

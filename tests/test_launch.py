@@ -504,7 +504,7 @@ def test_ray_job_submit_end_to_end(local_head, tmp_path):
     assert "SUCCEEDED" in helper.stdout and "ray job logs -f raysubmit_" in helper.stdout
     _check_run(out1, log)
     t1 = time.monotonic()
-    # 2. Plain `ray job submit`, the README's command, without cluster.address: launch.train
+    # 2. Plain `ray job submit`, docs/gpus.md's command, without cluster.address: launch.train
     #    itself must join the job's cluster rather than start a Ray of its own.
     out2 = tmp_path / "out-cli"
     cli = subprocess.run(

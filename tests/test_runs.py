@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cpe_ray import runs
 from cpe_ray.config import load_config
 from cpe_ray.errors import ConfigError, CpeError, RunIOError
 from cpe_ray.runs import (
@@ -145,7 +146,7 @@ def test_a_directory_holding_another_run_is_refused_then_overwritten(tmp_path, c
         open_run(_cfg(tmp_path, "run.overwrite=true"), None, "auto", "trainer.resume")
     assert open_run(_cfg(tmp_path, "run.overwrite=true"), None, "never", "trainer.resume") == (
         run_dir, None)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml"]
     # the same directory, now empty but for config.yaml, opens without the flag
     assert open_run(_cfg(tmp_path), None, "never", "trainer.resume") == (run_dir, None)
 
@@ -156,12 +157,30 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path) -> None:
         open_run(_cfg(tmp_path / "afile"), None, "never", "trainer.resume")
 
 
-def test_unreachable_cluster_address_is_one_line_within_the_timeout() -> None:
-    start = time.monotonic()
+class FakeClock:
+    """`time` for `cpe_ray.runs`: sleeping advances the clock and nothing else does, so a wait
+    is measured in the code's own seconds, not in how busy the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.sleeps += 1
+
+
+def test_unreachable_cluster_address_is_one_line_within_the_timeout(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(runs, "time", clock)
     with pytest.raises(CpeError, match=r"cluster.address=127.0.0.1:1: no Ray cluster answered "
                                        r"within 2 s \(connection refused\)"):
         wait_reachable("127.0.0.1:1", 2.0)
-    assert 2 <= time.monotonic() - start < 4
+    # It retried (a real refused connection each time) until the timeout and no longer.
+    assert clock.now == pytest.approx(2.0) and clock.sleeps >= 1
     with pytest.raises(ConfigError, match="is not host:port"):
         wait_reachable("localhost", 1.0)
 
@@ -252,3 +271,174 @@ def test_wandb_resumes_the_same_run_rewound_to_the_checkpoint(tmp_path) -> None:
         assert _rows(tmp_path / "metrics.jsonl") == [0, 1]
     finally:
         resumed.finish()
+
+
+# ------------------------------------------------------------ issue 21: guards of a run
+
+
+@pytest.fixture
+def http_server():
+    """host:port of an HTTP/1 server on loopback (as `python3 -m http.server`)."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_http_server_at_cluster_address_is_not_ray_in_one_line(http_server) -> None:
+    start = time.monotonic()
+    with pytest.raises(CpeError, match=rf"cluster.address={http_server}: something listens "
+                                       r"there but it is not Ray \(unavailable: .*HTTP/2"):
+        wait_reachable(http_server, 5.0)
+    assert time.monotonic() - start < 5  # no need to wait: no Ray comes up behind HTTP/1
+
+
+def test_a_silent_listener_at_cluster_address_ends_within_the_timeout() -> None:
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # accepts connections (the kernel does) and never answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(CpeError, match=rf"cluster.address={address}: the port is open but "
+                                           r"no Ray answered within 2 s \(deadline_exceeded"):
+            wait_reachable(address, 2.0)
+        assert time.monotonic() - start < 2 + 3  # one attempt at most past the deadline
+
+
+def test_ray_answers_at_its_gcs_address() -> None:
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray of another test is up")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        wait_reachable(ray.get_runtime_context().gcs_address, 5.0)
+    finally:
+        ray.shutdown()
+
+
+def test_an_ipv6_address_is_bracketed() -> None:
+    with pytest.raises(CpeError, match=r"cluster.address=\[::1\]:1: no Ray cluster answered"):
+        wait_reachable("[::1]:1", 0.2)
+    with pytest.raises(ConfigError, match=r"an IPv6 host in brackets: \[::1\]:6379"):
+        wait_reachable("::1:6379", 0.2)
+
+
+HOLD = """
+import sys, time
+from cpe_ray.config import load_config
+from cpe_ray.runs import open_run
+open_run(load_config(None, sys.argv[1:]), None, "never", "trainer.resume")
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def _holder(tmp_path: Path) -> subprocess.Popen:
+    """Another process that opened the run directory cpe-tiny under tmp_path and lives on."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, f"run.output_dir={tmp_path}",
+                             "logging.wandb_mode=disabled"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "holding\n"
+    return proc
+
+
+def test_a_run_directory_is_owned_by_one_live_process(tmp_path) -> None:
+    holder = _holder(tmp_path)
+    run_dir = tmp_path / "cpe-tiny"
+    try:
+        with pytest.raises(CpeError) as err:
+            open_run(_cfg(tmp_path), None, "never", "trainer.resume")
+        assert str(err.value).startswith(f"{run_dir} is in use by another run (pid "
+                                         f"{holder.pid} on ")
+        assert str(err.value).endswith("; wait for it to end, or choose another run name")
+        with pytest.raises(CpeError, match="is in use by another run"):  # whatever the flags
+            open_run(_cfg(tmp_path, "run.overwrite=true"), None, "never", "trainer.resume")
+    finally:
+        holder.kill()  # kill -9: the system drops its lock, nothing stale is left
+        holder.wait()
+    assert open_run(_cfg(tmp_path), None, "never", "trainer.resume") == (run_dir, None)
+    runs.release_run(run_dir)
+
+
+def test_two_processes_opening_one_run_directory_at_once_exactly_one_owns_it(tmp_path) -> None:
+    import sys
+
+    race = HOLD.replace('print("holding", flush=True)\ntime.sleep(120)',
+                        'print("holding", flush=True)\ntime.sleep(5)')
+    procs = [subprocess.Popen([sys.executable, "-c", race, f"run.output_dir={tmp_path}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    held = [out for out, _ in results if out == "holding\n"]
+    refused = [err for _, err in results if "is in use by another run" in err]
+    assert len(held) == 1 and len(refused) == 1, results
+
+
+def _resumable(tmp_path: Path, *overrides: str) -> Path:
+    """A run with a checkpoint at step 2, opened with `overrides`."""
+    run_dir = tmp_path / "cpe-tiny"
+    open_run(_cfg(tmp_path, *overrides), None, "never", "trainer.resume")
+    write_checkpoint(Writer(), run_dir, 2, POLICY_DIR, None)
+    runs.release_run(run_dir)
+    return run_dir
+
+
+def test_resume_with_a_config_that_changes_the_run_is_refused_naming_the_keys(
+        tmp_path, capsys) -> None:
+    run_dir = _resumable(tmp_path, "run.seed=1")
+    first = (run_dir / "config.yaml").read_text()
+    changed = _cfg(tmp_path, "run.seed=2", "trainer.rollout_batch_size=4",
+                   "trainer.max_steps=9", "trainer.resume=auto")
+    with pytest.raises(ConfigError) as err:
+        open_run(changed, None, "auto", "trainer.resume", runs.TRAIN_RUN_KEYS)
+    assert str(err.value) == (
+        f"trainer.resume=auto: this config differs from the run's in {run_dir} in what makes "
+        "the run (run.seed 1 -> 2, trainer.rollout_batch_size 8 -> 4); resume with the run's "
+        "values (its config.yaml), choose another run name, or set "
+        "trainer.resume_override=true to go on with these")
+    assert (run_dir / "config.yaml").read_text() == first  # untouched
+    # what does not make the run (more steps) resumes as before
+    longer = _cfg(tmp_path, "run.seed=1", "trainer.max_steps=9", "trainer.resume=auto")
+    assert open_run(longer, None, "auto", "trainer.resume", runs.TRAIN_RUN_KEYS)[1] == (
+        run_dir / "checkpoints" / "step-2")
+    runs.release_run(run_dir)
+    assert (run_dir / "config.1.yaml").read_text() == first  # the history is kept
+    second = (run_dir / "config.yaml").read_text()
+    # the override goes on, saying what changed, and keeps the history
+    forced = _cfg(tmp_path, "run.seed=2", "trainer.resume=auto", "trainer.resume_override=true")
+    capsys.readouterr()
+    open_run(forced, None, "auto", "trainer.resume", runs.TRAIN_RUN_KEYS, True)
+    runs.release_run(run_dir)
+    assert "trainer.resume_override=true: going on with run.seed 1 -> 2" in capsys.readouterr().out
+    assert (run_dir / "config.1.yaml").read_text() == first
+    assert (run_dir / "config.2.yaml").read_text() == second
+    assert "seed: 2" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_record_over_the_size_limit_is_refused_in_training(tmp_path) -> None:
+    from cpe_ray.errors import DataError
+    from cpe_ray.run import _load_records
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"persona": "a cook", "question": "q" * 2000}) + "\n")
+    with pytest.raises(DataError, match=rf"{data}:1: the record is 2,\d+ bytes, over "
+                                        r"data.max_record_bytes \(1,000\)"):
+        _load_records(_cfg(tmp_path, f"data.train_path={data}", "data.max_record_bytes=1000"))
+
+
+def test_max_prompt_length_below_the_system_turn_is_refused(tmp_path) -> None:
+    from cpe_ray.run import _check_prompt_room, _load_records
+
+    cfg = _cfg(tmp_path, "rollout.max_prompt_length=1")
+    with pytest.raises(ConfigError, match=r"rollout.max_prompt_length=1 cannot hold the "
+                                          r"policy's prompt before its question: (\d+) tokens"):
+        _check_prompt_room(cfg, _load_records(cfg))
+    _check_prompt_room(_cfg(tmp_path), _load_records(cfg))  # the default fits

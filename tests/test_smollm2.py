@@ -234,11 +234,12 @@ def test_vllm_cpu_serves_it_and_takes_weight_updates() -> None:
     from cpe_ray.chat import apply_chat_template, build_policy_messages
     from cpe_ray.engines.base import SamplingParams
     from cpe_ray.engines.factory import make_engine
+    from cpe_ray.engines.spec import EngineSpec
     from cpe_ray.models import load_tokenizer
 
     path = resolve_model_path(SMOLLM2_MODEL)
-    engine = make_engine("vllm", path, dtype="float32", seed=0, use_gpu=False,
-                         max_model_len=512)
+    engine = make_engine(EngineSpec("vllm", path, dtype="float32", seed=0, use_gpu=False,
+                                    max_model_len=512))
     ids = apply_chat_template(load_tokenizer(path), build_policy_messages(NURSE, TOMATOES))
     params = SamplingParams(temperature=0, max_new_tokens=VLLM_TOKENS)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -24,14 +24,13 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from cpe_ray.config.choices import STRATEGIES
+from cpe_ray.config.choices import Table
 from cpe_ray.prompts import PromptTemplate, load_template
 
-Strategy = Literal["random", "reward", "batch_reward", "improvement"]
 EDIT_PLACEHOLDERS = frozenset({"persona", "question", "answer", "critique"})
 EDIT_REQUIRED = frozenset({"question", "answer", "critique"})
 # ratio x n in floating point can land a hair off an integer (0.29 x 100 = 28.999...96);
@@ -90,37 +89,6 @@ def build_edit_messages(
     return messages
 
 
-def needs_rewards(strategy: str) -> bool:
-    """Whether the strategy ranks by reward, i.e. rewrites must be scored before selection."""
-    _check_strategy(strategy)
-    return strategy != "random"
-
-
-def _check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {strategy!r}; use one of {STRATEGIES}")
-
-
-def _rewards(rewrites: Sequence[RewriteInfo], strategy: str) -> np.ndarray:
-    values = []
-    for i, r in enumerate(rewrites):
-        value = r.reward
-        if strategy == "improvement":
-            if r.reward is None or r.original_reward is None:
-                value = None
-            else:
-                value = r.reward - r.original_reward
-        if value is None or not math.isfinite(value):
-            need = "reward and original_reward" if strategy == "improvement" else "reward"
-            raise ValueError(
-                f"strategy {strategy!r} needs a finite {need} for every rewrite; rewrite {i} "
-                f"(question {r.question_id!r}) has reward={r.reward}, "
-                f"original_reward={r.original_reward}"
-            )
-        values.append(value)
-    return np.asarray(values, dtype=np.float64)
-
-
 def _floor_count(ratio: float, n: int) -> int:
     return math.floor(ratio * n + _COUNT_SLACK)
 
@@ -135,8 +103,109 @@ def _top_k(scores: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
     return order[:k]
 
 
+def _scores(rewrites: Sequence[RewriteInfo], strategy: str, gain: bool) -> np.ndarray:
+    """Each rewrite's reward, or with `gain` its reward minus its original's."""
+    values = []
+    for i, r in enumerate(rewrites):
+        value = r.reward
+        if gain:
+            if r.reward is None or r.original_reward is None:
+                value = None
+            else:
+                value = r.reward - r.original_reward
+        if value is None or not math.isfinite(value):
+            need = "reward and original_reward" if gain else "reward"
+            raise ValueError(
+                f"strategy {strategy!r} needs a finite {need} for every rewrite; rewrite {i} "
+                f"(question {r.question_id!r}) has reward={r.reward}, "
+                f"original_reward={r.original_reward}"
+            )
+        values.append(value)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _per_question(rewrites: Sequence[RewriteInfo], scores: np.ndarray, tiebreak: np.ndarray,
+                  ratio: float) -> list[int]:
+    """The top ceil(ratio x n_q) of each question's n_q rewrites by score."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rewrites):
+        groups[r.question_id].append(i)
+    candidates: list[int] = []
+    for members in groups.values():
+        idx = np.asarray(members)
+        k = _ceil_count(ratio, len(members))
+        candidates.extend(int(i) for i in idx[_top_k(scores[idx], k, tiebreak[idx])])
+    return candidates
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a strategy sees: the rewrites, the ratio, how many to keep at most (`total`,
+    floor(ratio x N) rounded down to the multiple), and the seeded generator."""
+
+    rewrites: Sequence[RewriteInfo]
+    ratio: float
+    total: int
+    rng: np.random.Generator
+
+
+@dataclass(frozen=True)
+class SelectionStrategy:
+    """One `post_edit.strategy`: the indices of the rewrites it keeps, in any order."""
+
+    select: Callable[[Selection], list[int]]
+    needs_rewards: bool  # ranks by reward: rewrites are scored before selection
+
+
+def _random(s: Selection) -> list[int]:
+    return [int(i) for i in s.rng.choice(len(s.rewrites), size=s.total, replace=False)]
+
+
+def _batch_reward(s: Selection) -> list[int]:
+    scores = _scores(s.rewrites, "batch_reward", gain=False)
+    tiebreak = s.rng.permutation(len(s.rewrites))
+    return [int(i) for i in _top_k(scores, s.total, tiebreak)]
+
+
+def _reward(s: Selection) -> list[int]:
+    scores = _scores(s.rewrites, "reward", gain=False)
+    tiebreak = s.rng.permutation(len(s.rewrites))
+    candidates = _per_question(s.rewrites, scores, tiebreak, s.ratio)
+    if len(candidates) > s.total:  # the release draws the survivors uniformly
+        candidates = [int(i) for i in s.rng.choice(np.asarray(candidates), size=s.total,
+                                                    replace=False)]
+    return candidates
+
+
+def _improvement(s: Selection) -> list[int]:
+    scores = _scores(s.rewrites, "improvement", gain=True)
+    tiebreak = s.rng.permutation(len(s.rewrites))
+    candidates = _per_question(s.rewrites, scores, tiebreak, s.ratio)
+    if len(candidates) > s.total:  # the largest gains over the whole batch
+        pool = np.asarray(candidates)
+        candidates = [int(i) for i in pool[_top_k(scores[pool], s.total, tiebreak[pool])]]
+    return candidates
+
+
+# The strategies `post_edit.strategy` names (the module docstring has each one's rule).
+# Adding one: its name in `cpe_ray.config.choices.STRATEGIES`, one `register` call here, and
+# its test in `tests/algo/test_post_edit.py`.
+SELECTION_STRATEGIES: Table[SelectionStrategy] = Table("selection strategy")
+SELECTION_STRATEGIES.register("random", SelectionStrategy(_random, needs_rewards=False))
+SELECTION_STRATEGIES.register("reward", SelectionStrategy(_reward, needs_rewards=True))
+SELECTION_STRATEGIES.register("batch_reward", SelectionStrategy(_batch_reward,
+                                                                needs_rewards=True))
+SELECTION_STRATEGIES.register("improvement", SelectionStrategy(_improvement,
+                                                               needs_rewards=True))
+
+
+def needs_rewards(strategy: str) -> bool:
+    """Whether the strategy ranks by reward, i.e. rewrites must be scored before selection."""
+    return SELECTION_STRATEGIES[strategy].needs_rewards
+
+
 def select_rewrites(
-    strategy: Strategy | str,
+    strategy: str,
     rewrites: Sequence[RewriteInfo],
     ratio: float,
     seed: int,
@@ -146,7 +215,7 @@ def select_rewrites(
 
     At most floor(ratio x N) rounded down to a multiple of `multiple` are kept (the module
     docstring has each strategy's rule)."""
-    _check_strategy(strategy)
+    entry = SELECTION_STRATEGIES[strategy]
     if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
         raise ValueError(f"selection ratio {ratio} is outside [0, 1]")
     if multiple < 1:
@@ -154,31 +223,8 @@ def select_rewrites(
     n = len(rewrites)
     if n == 0:
         return []
-    rng = np.random.default_rng(seed)
     total = _floor_count(ratio, n) // multiple * multiple
-    if strategy == "random":
-        return sorted(int(i) for i in rng.choice(n, size=total, replace=False))
-
-    scores = _rewards(rewrites, strategy)
-    tiebreak = rng.permutation(n)
-    if strategy == "batch_reward":
-        return sorted(int(i) for i in _top_k(scores, total, tiebreak))
-
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rewrites):
-        groups[r.question_id].append(i)
-    candidates: list[int] = []
-    for members in groups.values():
-        idx = np.asarray(members)
-        k = _ceil_count(ratio, len(members))
-        candidates.extend(int(i) for i in idx[_top_k(scores[idx], k, tiebreak[idx])])
-    if len(candidates) > total:
-        pool = np.asarray(candidates)
-        if strategy == "improvement":  # the largest gains over the whole batch
-            candidates = [int(i) for i in pool[_top_k(scores[pool], total, tiebreak[pool])]]
-        else:  # `reward`: the release draws the survivors uniformly
-            candidates = [int(i) for i in rng.choice(pool, size=total, replace=False)]
-    return sorted(candidates)
+    return sorted(entry.select(Selection(rewrites, ratio, total, np.random.default_rng(seed))))
 
 
 @dataclass(frozen=True)

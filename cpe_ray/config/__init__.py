@@ -1,10 +1,12 @@
-"""Configuration: the typed schema (`schema.py`), its choices (`choices.py`) and loading with
-validation (`loading.py`). A leaf: imports nothing from cpe_ray but `errors`.
+"""Configuration: the typed schema (`schema.py`), its choices (`choices.py`), loading with
+validation (`loading.py`) and each key's help text (`helptext.py`, read from the docstring
+under each schema field). A leaf: imports nothing from cpe_ray but `errors`.
 
 `from cpe_ray.config import Config, load_config` is how code reads config; every schema
 section and the loading functions are re-exported here.
 """
 
+from cpe_ray.config.helptext import commented_yaml, schema_help
 from cpe_ray.config.loading import (
     config_to_yaml,
     flat_items,
@@ -60,9 +62,11 @@ __all__ = [
     "StageTrainConfig",
     "TINY_MODEL",
     "TrainerConfig",
+    "commented_yaml",
     "config_to_yaml",
     "flat_items",
     "load_config",
     "save_config",
+    "schema_help",
     "validate",
 ]

@@ -1,15 +1,24 @@
 """Names and defaults the schema offers as choices, kept here so that `config/` stays a leaf.
 
 The GRM's dimensions and weights (method.md section 2), what a missing dimension counts
-(`grm.on_missing`), the post-edit selection strategies (method.md section 3.5) and the
-table of judge backends. The modules that implement them (`judges/grm.py`,
-`algo/post_edit.py`, `runtime/judging.py`) import these names.
+(`grm.on_missing`), the advantage estimators and post-edit selection strategies (method.md
+section 3.5 and 3.7), and where each judge backend runs (`GRM_BACKENDS`).
+
+Each family of interchangeable parts is one `Table` in the package that implements it:
+`cpe_ray.algo.advantages.ADVANTAGE_ESTIMATORS`, `cpe_ray.algo.post_edit.SELECTION_STRATEGIES`,
+`cpe_ray.algo.losses.POLICY_LOSSES` and `cpe_ray.judges.registry.JUDGES`. The config cannot
+import them (it is a leaf), so the names it offers live here and a test per table checks
+that the table's keys are exactly these names: adding a member is its name here, its entry
+in the table, and its test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_DIMENSIONS: tuple[str, ...] = ("helpfulness", "personalization", "naturalness")
 # The paper's scalar reward (method.md section 2).
@@ -37,26 +46,72 @@ RELEASE_TEMPLATE_PLACEHOLDERS: Mapping[str, str] = {
     "question_str": "question",
     "solution_str": "answer",
 }
+# Post-edit selection strategies (`post_edit.strategy`, method.md 3.5).
 STRATEGIES: tuple[str, ...] = ("random", "reward", "batch_reward", "improvement")
+# Advantage estimators (`ppo.advantage_estimator`, method.md 3.7), and those that compare the
+# samples of one prompt (so they need rollout.n_samples_per_prompt >= 2).
+ADVANTAGE_ESTIMATOR_NAMES: tuple[str, ...] = ("gae", "grpo", "rloo")
+GROUP_ESTIMATOR_NAMES: tuple[str, ...] = ("grpo", "rloo")
 # What `ppo.mini_batch_size` counts (`ppo.mini_batch_unit`): prompts, whose samples and kept
 # rewrites share a fixed number of optimiser steps; or rows, mini_batch_size x n of them a
 # step, so that kept rewrites add steps (verl's accounting, the paper release's).
 MINI_BATCH_UNITS: tuple[str, ...] = ("prompts", "rows")
 
 
+class UnknownName(KeyError, ValueError):
+    """A name no entry of a table has; the message lists the names it has."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Table(Generic[T]):
+    """One family of interchangeable parts by name (verl's registries, prime-rl's tables).
+
+    A second entry under one name raises, and so does an unknown name, listing the known
+    ones. Entries are registered where they are defined, in the order the table shows them.
+    """
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"{self.family} {name!r} is registered already")
+        self._entries[name] = entry
+        return entry
+
+    def __getitem__(self, name: str) -> T:
+        if name not in self._entries:
+            raise UnknownName(f"unknown {self.family} {name!r}; use one of "
+                              f"{', '.join(self._entries)}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass(frozen=True)
 class JudgeBackend:
-    """What the config checks, placement and the controller need to know of a `grm.backend`.
+    """Where a `grm.backend` judges and what the config checks of it: what the config, the
+    placement and the controller read. How its judge is built is its entry in
+    `cpe_ray.judges.registry.JUDGES`."""
 
-    The one table of backends (`GRM_BACKENDS`); the judges themselves are built in
-    `cpe_ray.runtime.judging`."""
-
-    in_driver_on_cpu: bool  # judges in the controller's process on a CPU cluster
-    in_driver_on_gpu: bool  # ... and on a GPU cluster (otherwise: GRM actors in a "grm" pool)
-    threaded: bool  # in the driver, judged in a thread (it waits on HTTP or computes for long)
-    needs_model: bool  # grm.model_path is required
-    writes_critiques: bool  # can drive post-edit
-    tensor_parallel: bool  # an actor spans grm.tensor_parallel_size GPUs (else one each)
+    in_driver_on_cpu: bool = False  # judges in the controller's process on a CPU cluster
+    in_driver_on_gpu: bool = False  # ... on a GPU cluster (otherwise: GRM actors, "grm" pool)
+    threaded: bool = False  # in the driver, judged in a thread (waits on HTTP or computes long)
+    needs_model: bool = False  # grm.model_path is required
+    writes_critiques: bool = False  # can drive post-edit
+    # judges on a generation engine that its process builds; an actor spans
+    # grm.tensor_parallel_size GPUs (else one each)
+    engine: bool = False
     prompted: bool = False  # prompts a model with grm.template (checked before start-up)
 
     def in_driver(self, use_gpu: bool) -> bool:
@@ -65,12 +120,13 @@ class JudgeBackend:
 
 GRM_BACKENDS: Mapping[str, JudgeBackend] = {
     # the offline rule-based stand-in: microseconds, no model
-    "rubric": JudgeBackend(True, True, False, False, True, False),
+    "rubric": JudgeBackend(in_driver_on_cpu=True, in_driver_on_gpu=True, writes_critiques=True),
     # a GRM checkpoint on generation-engine actors
-    "hf": JudgeBackend(False, False, False, True, True, True, prompted=True),
-    "vllm": JudgeBackend(False, False, False, True, True, True, prompted=True),
+    "hf": JudgeBackend(needs_model=True, writes_critiques=True, engine=True, prompted=True),
+    "vllm": JudgeBackend(needs_model=True, writes_critiques=True, engine=True, prompted=True),
     # an OpenAI-compatible endpoint (how the paper served its GRM): remote already
-    "openai": JudgeBackend(True, True, True, False, True, False, prompted=True),
+    "openai": JudgeBackend(in_driver_on_cpu=True, in_driver_on_gpu=True, threaded=True,
+                           writes_critiques=True, prompted=True),
     # a Bradley-Terry scalar model: in the driver on CPUs, one scorer actor per GPU on GPUs
-    "bt": JudgeBackend(True, False, True, True, False, False),
+    "bt": JudgeBackend(in_driver_on_cpu=True, threaded=True, needs_model=True),
 }

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import keyword
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cpe_ray.config.choices import GRM_BACKENDS, GRM_TEMPLATE_FIELDS
+from cpe_ray.config.choices import GRM_BACKENDS, GRM_TEMPLATE_FIELDS, GROUP_ESTIMATOR_NAMES
 from cpe_ray.config.schema import (
+    REMOVED_KEYS,
     RESUME_KEYWORDS,
     ApiConfig,
     Config,
@@ -50,6 +52,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if overrides:
         layers.append((OVERRIDES_SOURCE, _parse_overrides(overrides)))
     for source, layer in layers:
+        _drop_removed_keys(layer, source)
         _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", source)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), *(layer for _, layer in layers))
@@ -113,6 +116,9 @@ def _load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{where}: invalid YAML ({problem}); fix the syntax") from None
     if loaded is None or not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping of sections (run:, ppo:, ...)")
+    if not loaded:  # a user who names a file means it to change something: a wrong file?
+        raise ConfigError(f"{path} sets nothing (it is empty or only comments); give the file "
+                          "meant, or leave out --config to run on the defaults")
     return loaded
 
 
@@ -121,10 +127,27 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         key = item.split("=", 1)[0]
         if "=" not in item or not key or any(not p.isidentifier() for p in key.split(".")):
             raise ConfigError(f"override '{item}' is not key=value (e.g. ppo.kl_coef=0.01)")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise ConfigError(f"overrides {list(overrides)}: {exc}".splitlines()[0]) from None
+    for item in overrides:  # one at a time, so that a bad value is named by its key
+        key, value = item.split("=", 1)
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split()[:12])
+            raise ConfigError(f"{key}: the value {value} is not valid YAML ({problem}); quote "
+                              f"it as a string, e.g. '{key}=\"{value}\"'") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _drop_removed_keys(layer: DictConfig, source: str) -> None:
+    """A key that was a setting once (`REMOVED_KEYS`) never changed a run: one warning line,
+    and the rest of the file (an old run's config.yaml) loads."""
+    for key, why in REMOVED_KEYS.items():
+        section, name = key.rsplit(".", 1)
+        parent = OmegaConf.select(layer, section, default=None)
+        if isinstance(parent, DictConfig) and name in parent:
+            parent.pop(name)
+            print(f"cpe-ray: warning: {key} in {source} is no longer a setting ({why}); it is "
+                  "ignored, delete it", file=sys.stderr)
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
@@ -262,7 +285,7 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
     if r.backend == "vllm" and r.enable_sleep and not cfg.cluster.use_gpu:
         yield ("rollout.enable_sleep: vLLM's sleep mode is CUDA-only; set it false with "
                "cluster.use_gpu=false")
-    if p.advantage_estimator in ("grpo", "rloo") and r.n_samples_per_prompt < 2:
+    if p.advantage_estimator in GROUP_ESTIMATOR_NAMES and r.n_samples_per_prompt < 2:
         yield (f"ppo.advantage_estimator={p.advantage_estimator} compares samples of a prompt; "
                f"set rollout.n_samples_per_prompt >= 2 (it is {r.n_samples_per_prompt})")
     if p.kl_coef > 0 and not le.use_reference:

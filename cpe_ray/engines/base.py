@@ -15,7 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from cpe_ray.weight_sync.codec import GroupSpec, Manifest, SyncStats
+from cpe_ray.weight_sync.codec import Manifest
+from cpe_ray.weight_sync.group import GroupSpec, SyncStats
 
 FINISH_STOP = "stop"  # an EOS or stop token was sampled (and is included in token_ids)
 FINISH_LENGTH = "length"  # max_new_tokens was reached

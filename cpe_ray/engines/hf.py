@@ -32,17 +32,15 @@ from cpe_ray.models import (
     resolve_model_path,
     stop_token_ids,
 )
-from cpe_ray.weight_sync.codec import (
-    Bucket,
+from cpe_ray.weight_sync.codec import Bucket, Manifest, unpack
+from cpe_ray.weight_sync.cuda import cuda_index, gpu_uuid, open_cuda
+from cpe_ray.weight_sync.group import (
     GroupSpec,
-    Manifest,
     SyncGroup,
     SyncStats,
     adopt_buckets,
-    open_cuda,
     receive_buckets,
     receive_into,
-    unpack,
 )
 
 DEFAULT_MAX_BATCH_ROWS = 64  # sequences decoded together; bounds the KV cache's memory
@@ -199,12 +197,9 @@ class HFEngine:
 
     def load_ipc(self, handles: Mapping[str, Any], bucket: Bucket) -> None:
         """Load one packed bucket that a learner on the same GPU shared by CUDA IPC."""
-        from cpe_ray.weight_sync.codec import gpu_uuid
-
         if self.device.type != "cuda":
             raise RuntimeError("CUDA IPC weight loading needs the engine on a GPU")
-        index = self.device.index if self.device.index is not None else (
-            torch.cuda.current_device())
+        index = cuda_index(self.device)
         flat = open_cuda(handles[gpu_uuid(index)], index)
         self.load_weights(unpack(bucket, flat))
         torch.cuda.synchronize(self.device)  # the sender reuses the buffer once we return

@@ -44,10 +44,11 @@ from cpe_ray.engines.base import (
     SamplingParams,
     order_completions,
 )
-from cpe_ray.engines.vllm_ext import WeightSyncExtension, encode_tensors
+from cpe_ray.engines.vllm_ext import WeightSyncExtension
 from cpe_ray.errors import ConfigError
 from cpe_ray.models import DTYPES
-from cpe_ray.weight_sync.codec import Bucket, GroupSpec, Manifest, SyncStats, WeightSyncError
+from cpe_ray.weight_sync.codec import Bucket, Manifest, WeightSyncError, encode_tensors
+from cpe_ray.weight_sync.group import GroupSpec, SyncStats
 
 EXTENSION_CLASS = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 # Log-probs of the distribution actually sampled from (after temperature and top-k/top-p),

@@ -15,7 +15,7 @@ from typing import Any
 
 EXIT_NOTHING_JUDGED = 1
 PERCENT = 100.0
-# flag -> eval key; each flag's value is set on the loaded config, then validated again
+# flag -> eval key; the flags given make a new config from the loaded one, validated again
 WINRATE_FLAGS = {"model": "model_path", "baseline": "baseline_path", "answers": "answers_path",
                  "prompts": "prompts_path", "out": "output_dir"}
 PF_FLAGS = {"root": "personafeedback_path", "judge": "personafeedback_judge",
@@ -25,15 +25,13 @@ PM_FLAGS = {"questions": "personamem_questions_path", "contexts": "personamem_co
 
 
 def _config(args: argparse.Namespace, flags: dict[str, str]) -> Any:
+    from dataclasses import replace
+
     from cpe_ray.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
-    for flag, key in flags.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(cfg.eval, key, value)
-    if args.limit is not None:
-        cfg.eval.limit = args.limit
+    given = {key: getattr(args, flag, None) for flag, key in {**flags, "limit": "limit"}.items()}
+    cfg = replace(cfg, eval=replace(cfg.eval, **{k: v for k, v in given.items() if v is not None}))
     validate(cfg)
     return cfg
 

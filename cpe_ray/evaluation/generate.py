@@ -47,17 +47,11 @@ class PolicyAnswerer:
 
     def __init__(self, cfg: Config) -> None:
         from cpe_ray.engines.factory import make_engine
+        from cpe_ray.engines.spec import EngineSpec
         from cpe_ray.models import load_tokenizer
 
         self.cfg = cfg
-        e, r = cfg.eval, cfg.rollout
-        self.engine = make_engine(
-            r.backend, eval_model_path(cfg), dtype=cfg.policy.dtype, seed=cfg.run.seed,
-            use_gpu=cfg.cluster.use_gpu, tensor_parallel_size=r.tensor_parallel_size,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            max_model_len=e.max_prompt_tokens + e.max_new_tokens,
-            max_batch_rows=r.max_batch_rows, trust_remote_code=cfg.policy.trust_remote_code,
-        )
+        self.engine = make_engine(EngineSpec.for_eval_policy(cfg, eval_model_path(cfg)))
         self.tokenizer = load_tokenizer(self.engine.info().model_path,
                                         cfg.policy.trust_remote_code)
         self.system_template = load_policy_system_template(cfg.policy.system_template)

@@ -21,6 +21,7 @@ variable, and paths. Judges that hold a model load it on construction.
 from __future__ import annotations
 
 from cpe_ray.config import Config
+from cpe_ray.config.choices import GRM_BACKENDS
 from cpe_ray.evaluation.pairwise import (
     EnginePairwiseJudge,
     LengthPairwiseJudge,
@@ -29,42 +30,30 @@ from cpe_ray.evaluation.pairwise import (
 )
 from cpe_ray.evaluation.scorers import GRMScorer, ScorerPairwiseJudge
 from cpe_ray.judges.base import AnswerScorer
-from cpe_ray.judges.bt import bt_scorer
+from cpe_ray.judges.registry import JUDGES, build_judge, describe_judge
 
 
 def _engine_and_tokenizer(cfg: Config, backend: str, model_path: str):
     from cpe_ray.engines.factory import make_engine
+    from cpe_ray.engines.spec import EngineSpec
     from cpe_ray.models import load_tokenizer
 
-    engine = make_engine(
-        backend, model_path, dtype=cfg.policy.dtype, seed=cfg.run.seed,
-        use_gpu=cfg.cluster.use_gpu, gpu_memory_utilization=cfg.grm.gpu_memory_utilization,
-        max_model_len=cfg.eval.max_prompt_tokens + cfg.eval.judge_max_new_tokens,
-        max_batch_rows=cfg.rollout.max_batch_rows, trust_remote_code=cfg.policy.trust_remote_code,
-    )
+    engine = make_engine(EngineSpec.for_eval_judge(cfg, backend, model_path))
     return engine, load_tokenizer(engine.info().model_path, cfg.policy.trust_remote_code)
 
 
 def make_answer_scorer(cfg: Config) -> AnswerScorer:
-    """The GRM of `grm.backend` as a pointwise scorer."""
+    """The GRM of `grm.backend` as a pointwise scorer: its judge's weighted reward, or a
+    scalar model's own score of each chat's last eval.max_prompt_tokens tokens."""
     g = cfg.grm
-    if g.backend == "rubric":
-        from cpe_ray.judges.rubric import RubricJudge
-
-        return GRMScorer(RubricJudge(g), g, "rubric judge (offline GRM stand-in)", cfg.run.seed)
-    if g.backend == "openai":
-        from cpe_ray.judges.endpoint import EndpointGRMJudge
-
-        judge = EndpointGRMJudge.from_config(g)
-        return GRMScorer(judge, g, judge.describe(), cfg.run.seed)
-    assert g.model_path is not None  # config validation requires it for hf, vllm and bt
-    if g.backend == "bt":
-        return bt_scorer(cfg, cfg.eval.max_prompt_tokens)
-    from cpe_ray.judges.engine import EngineJudge
-
-    engine, tokenizer = _engine_and_tokenizer(cfg, g.backend, g.model_path)
-    return GRMScorer(EngineJudge(engine, tokenizer, g), g, f"GRM {g.model_path} ({g.backend})",
-                     cfg.run.seed)
+    scalar = JUDGES[g.backend].scorer
+    if scalar is not None:
+        return scalar(cfg, cfg.eval.max_prompt_tokens)
+    engine = None
+    if GRM_BACKENDS[g.backend].engine:
+        assert g.model_path is not None  # config validation requires it for hf and vllm
+        engine, _ = _engine_and_tokenizer(cfg, g.backend, g.model_path)
+    return GRMScorer(build_judge(cfg, engine), g, describe_judge(cfg), cfg.run.seed)
 
 
 def make_pairwise_judge(cfg: Config) -> PairwiseJudge:

@@ -7,9 +7,12 @@
   endpoint and its client), `bt.py` (a Bradley-Terry scalar model), `rubric.py` (the offline
   rule-based stand-in).
 - `serve.py`: any of them served as an OpenAI-compatible endpoint (`cpe-ray serve-judge`).
-- `registry.py`: which judge a `grm.backend` is, where it runs, and its start-up checks.
+- `registry.py`: the judge table (`JUDGES`: how each `grm.backend` builds its judge and what
+  it is called), `build_judge` (the one constructor, used by training, the judge server and
+  evaluation) and the checks before start-up.
 
-Adding a backend: write a class with `judge(requests, mode, seed)`, then add a row to
-`cpe_ray.config.choices.GRM_BACKENDS` and its builder to `registry.LOCAL_JUDGES`. Nothing
-here imports vllm, deepspeed or openai at import time.
+Adding a backend: write a class with `judge(requests, mode, seed)`; give it a row in
+`cpe_ray.config.choices.GRM_BACKENDS` (where it judges, what the config checks of it), one
+`registry.JUDGES.register` call (its builder and label), and its test in
+`tests/judges/test_registry.py`. Nothing here imports vllm, deepspeed or openai at import time.
 """

@@ -12,11 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from cpe_ray.errors import CpeError
 from cpe_ray.judges.grm import (
     JudgeOutcome,
 )
 
 JUDGE_MODES = ("critique", "score")
+
+
+class JudgeError(CpeError):
+    """A judge could not judge (its endpoint unreachable after its retries, or none of a
+    step's outputs parsed): training on its rewards would train on nothing, so the run stops
+    with one line naming the judge and the cause."""
 
 
 @dataclass(frozen=True)

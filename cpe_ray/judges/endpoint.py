@@ -24,7 +24,7 @@ from typing import Any
 
 from cpe_ray.config import ApiConfig, GRMConfig
 from cpe_ray.errors import ConfigError, CpeError
-from cpe_ray.judges.base import JudgeRequest, check_mode
+from cpe_ray.judges.base import JudgeError, JudgeRequest, check_mode
 from cpe_ray.judges.grm import (
     JudgeOutcome,
     attempt_temperature,
@@ -55,6 +55,7 @@ class EndpointSpec:
     max_concurrency: int
     backoff_initial_s: float
     backoff_max_s: float
+    max_wait_s: float = 300.0  # one request with all its retries
     section: str = "eval.api"  # for messages
 
     @classmethod
@@ -63,7 +64,8 @@ class EndpointSpec:
         if not (api.base_url and api.model):
             raise ConfigError(f"the endpoint needs {section}.base_url and {section}.model")
         return cls(api.base_url, api.model, api.api_key_env, api.timeout_s, api.max_retries,
-                   api.max_concurrency, api.backoff_initial_s, api.backoff_max_s, section)
+                   api.max_concurrency, api.backoff_initial_s, api.backoff_max_s,
+                   api.max_wait_s, section)
 
     def api_key(self) -> str:
         """The key from the variable `api_key_env` names (checked before anything starts)."""
@@ -146,7 +148,8 @@ class EndpointClient:
                         self._describe_error(exc) if exc else "?", wait)
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.spec.max_retries + 1),
+            stop=(tenacity.stop_after_attempt(self.spec.max_retries + 1)
+                  | tenacity.stop_after_delay(self.spec.max_wait_s)),
             wait=tenacity.wait_exponential(multiplier=self.spec.backoff_initial_s,
                                            max=self.spec.backoff_max_s)
             + tenacity.wait_random(0, self.spec.backoff_initial_s),
@@ -181,10 +184,12 @@ class EndpointClient:
 class EndpointGRMJudge:
     """grm.backend=openai: the GRM rubric prompt on an endpoint, behind `cpe_ray.judges.base.Judge`.
 
-    A request the endpoint could not serve reads as empty output: it does not parse, is
-    regenerated up to grm.max_retries times, and stays unparsed (reported) if it never does.
-    Each mode prompts with its own template (`load_grm_templates`); a greedy call's retries
-    sample at grm.retry_temperature.
+    An output that does not parse is regenerated up to grm.max_retries times and stays
+    unparsed (reported) if it never does. A request the endpoint could not serve after its own
+    retries (`grm.api.max_retries`, `grm.api.max_wait_s`) is a `JudgeError`: the judge cannot
+    judge, and training on an empty output's 0 would train on nothing. Each mode prompts with
+    its own template (`load_grm_templates`); a greedy call's retries sample at
+    grm.retry_temperature.
     """
 
     def __init__(self, client: EndpointClient, cfg: GRMConfig) -> None:
@@ -216,6 +221,12 @@ class EndpointGRMJudge:
                 temperature=attempt_temperature(temperature, attempt, self.cfg.retry_temperature),
                 max_tokens=self.cfg.max_new_tokens)
             attempt += 1
+            failed = [r for r in replies if r.error is not None]
+            if failed:
+                raise JudgeError(
+                    f"the {self.describe()} could not {mode} {len(failed)} of {len(replies)} "
+                    f"answers after {failed[0].attempts} attempt(s): {failed[0].error}; check "
+                    "that it is up, or grm.api.max_retries / grm.api.max_wait_s")
             return [r.text or "" for r in replies]
 
         return judge_with_retries(generate, len(requests), self.cfg.max_retries,

@@ -19,7 +19,9 @@ How a request becomes a judgement: the user turn must be this server's GRM promp
 renames), which every client that builds it with `build_grm_messages` sends. The template
 is matched with its placeholders as wildcards, which gives back persona, question and
 answer exactly as they were substituted (the first split that reproduces the text: a
-persona that itself contains the template's next line of text is split there). The mode is
+persona that itself contains the template's next line of text is split there). Each piece
+of the template's own text is looked for once, with `str.find`, so reading a prompt is
+linear in its length (a backtracking regex took 40 s on a crafted 320 KB prompt). The mode is
 the template that matched when the two differ; otherwise temperature 0 asks for a score
 and a positive one for a critique (GRM clients score at grm.score_temperature, 0, and
 critique at grm.critique_temperature, 0.9). The judge then samples at this server's own
@@ -28,19 +30,22 @@ grm.*_temperature: the served judge decides, as a served model would.
 Batching: requests queue; one worker thread takes up to `serve.max_batch` of them (the
 first waits `serve.batch_wait_s` for others to join) and judges each (mode, seed) group in
 one call, so a GRM on an engine decodes concurrent requests together and no judge needs
-to be thread-safe.
+to be thread-safe. The HTTP side (`cpe_ray/judges/asgi.py`: uvicorn, with timeouts, a
+connection limit and a body limit) only awaits the worker, so `/health` answers while a
+batch is being judged.
 
 Errors: 400 (not the GRM prompt, a bad body, n > 1, a critique asked of a scalar model),
-401 (wrong key), 404 (unknown model or route), 413 (body too large), 500 (the judge
-failed), each with one line in OpenAI's error shape. `serve.host` is loopback by default;
-another host needs `serve.api_key_env` (the variable holding the key clients must send).
+401 (wrong key), 404 (unknown model or route), 408 (the body came too slowly), 413 (body
+too large), 500 (the judge failed), 503 (too many connections), each but the last with one
+line in OpenAI's error shape. `serve.host` is loopback by default; another host needs
+`serve.api_key_env` (the variable holding the key clients must send).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
-import logging
 import os
 import queue
 import re
@@ -49,57 +54,88 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from cpe_ray.config import Config, ServeConfig
+from cpe_ray.config.choices import GRM_BACKENDS
 from cpe_ray.errors import ConfigError
+from cpe_ray.judges.asgi import DEFAULT_LIMITS, JSONApp, Limits, Request, RequestError, ServerThread
 from cpe_ray.judges.base import JUDGE_MODES, Judge, JudgeRequest, check_mode
 from cpe_ray.judges.grm import JudgeOutcome, load_grm_templates, weighted_reward
 from cpe_ray.prompts import PromptTemplate
 
-log = logging.getLogger(__name__)
-
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 HEALTH_PATH = "/health"
-MAX_BODY_BYTES = 4 * 1024**2  # a GRM prompt is a few KB; anything this big is a mistake
 CHAT_OBJECT, MODEL_OBJECT = "chat.completion", "model"
 FINISH_STOP = "stop"
 OWNER = "cpe-ray"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class RequestError(Exception):
-    """A request this server refuses: an HTTP status and one line for the client."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, " ".join(message.split()), kind
-
-
 class TemplateMatcher:
     """Reads a rendered template back into its placeholder values (see the module docstring).
 
-    Literal text must match exactly; each placeholder matches any text (the shortest that
-    lets the rest match), a repeated placeholder the same text again. Surrounding
-    whitespace is ignored, so a client that strips the prompt still matches."""
+    Literal text must match exactly; each placeholder takes the text up to the first place
+    the template's next literal text is found (the shortest that lets the rest match), the
+    last one all the text up to the template's closing text, and a repeated placeholder
+    must be the same text again. Each piece is found once, from where the last one ended:
+    no backtracking, so the work is linear in the prompt (a repeated placeholder is not
+    tried at a later split). Surrounding whitespace is ignored, so a client that strips the
+    prompt still matches."""
 
     def __init__(self, template: PromptTemplate) -> None:
-        parts, seen, at = [], set(), 0
         text = template.text.strip()
+        self.template = template
+        self.names: list[str] = []  # the placeholders in order, repeats included
+        self.literals: list[str] = []  # the text before each placeholder, then the closing text
+        at = 0
         for match in _PLACEHOLDER.finditer(text):
-            parts.append(re.escape(text[at:match.start()]))
-            name = match.group(1)
-            parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>.*?)")
-            seen.add(name)
+            self.literals.append(text[at:match.start()])
+            self.names.append(match.group(1))
             at = match.end()
-        parts.append(re.escape(text[at:]))
-        self.template, self.pattern = template, re.compile("".join(parts), re.DOTALL)
+        self.literals.append(text[at:])
 
     def match(self, text: str) -> dict[str, str] | None:
-        found = self.pattern.fullmatch(text.strip())
-        return None if found is None else found.groupdict()
+        text = text.strip()
+        head, tail = self.literals[0], self.literals[-1]
+        if not self.names:
+            return {} if text == head else None
+        end = len(text) - len(tail)  # where the closing text starts
+        if not (text.startswith(head) and text.endswith(tail) and end >= len(head)):
+            return None
+        values: dict[str, str] = {}
+        # `fixed`: the text known to follow the open placeholder (whose end is not yet found)
+        at, open_name, fixed = len(head), self.names[0], ""
+        for name, after in zip(self.names[1:], self.literals[1:-1], strict=True):
+            fixed += after
+            if name in values:
+                fixed += values[name]
+                continue
+            at = _place(text, fixed, at, end, open_name, values)
+            if at < 0:
+                return None
+            # a placeholder repeated right after its first use is fixed text already
+            open_name, fixed = (None, values[name]) if name == open_name else (name, "")
+        start = end - len(fixed)  # the last fixed text ends where the closing text starts
+        if start < at or not text.startswith(fixed, start):
+            return None
+        if open_name is not None:
+            values[open_name] = text[at:start]
+        return values if open_name is not None or start == at else None
+
+
+def _place(text: str, fixed: str, at: int, end: int, open_name: str | None,
+           values: dict[str, str]) -> int:
+    """Where `fixed` ends: its first place from `at` (closing the open placeholder there),
+    or exactly `at` with none open; -1 if it is not found before `end`."""
+    if open_name is None:
+        return at + len(fixed) if text.startswith(fixed, at, end) else -1
+    found = text.find(fixed, at, end)
+    if found >= 0:
+        values[open_name] = text[at:found]
+        return found + len(fixed)
+    return -1
 
 
 class PromptReader:
@@ -218,22 +254,6 @@ def serve_key(settings: ServeConfig) -> str | None:
     return key
 
 
-def serve_http(host: str, port: int, handler: type[BaseHTTPRequestHandler],
-               name: str) -> ThreadingHTTPServer:
-    """A threading HTTP server bound to (host, port) (0: any free port), answering from a
-    daemon thread named `name` once this returns; `stop_http` ends it."""
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-    return server
-
-
-def stop_http(server: ThreadingHTTPServer) -> None:
-    """Stop serving and close the socket (the handlers' threads are daemons)."""
-    server.shutdown()
-    server.server_close()
-
-
 def _reward(outcome: JudgeOutcome, cfg: Config) -> float | None:
     if outcome.reward is not None:
         return outcome.reward
@@ -245,23 +265,23 @@ class JudgeServer:
     """The HTTP server around one judge; `start()` returns once it accepts connections."""
 
     def __init__(self, cfg: Config, judge: Judge, label: str,
-                 templates: Mapping[str, PromptTemplate] | None = None) -> None:
-        self.cfg, self.settings, self.label = cfg, cfg.serve, label
+                 templates: Mapping[str, PromptTemplate] | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
+        self.cfg, self.settings, self.label, self.limits = cfg, cfg.serve, label, limits
         self.key = serve_key(cfg.serve)
         self.reader = PromptReader(templates or load_grm_templates(cfg.grm))
         self.batcher = JudgeBatcher(judge, cfg.serve.max_batch, cfg.serve.batch_wait_s)
-        self.served = 0
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self.served = 0  # only the event loop's thread counts
+        self._http: ServerThread | None = None
 
     @property
     def base_url(self) -> str:
-        assert self._server is not None, "start() the server first"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        assert self._http is not None, "start() the server first"
+        host, port = self._http.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
-    def completion(self, body: Any) -> dict[str, Any]:
-        """The `chat.completion` reply to one request body (RequestError if refused)."""
+    def read(self, body: Any) -> tuple[str, JudgeRequest, int]:
+        """(mode, request, seed) from a request body (RequestError if refused)."""
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -281,19 +301,23 @@ class JudgeServer:
         if not isinstance(temperature, int | float) or not isinstance(seed, int):
             raise RequestError(400, "temperature must be a number and seed an integer")
         mode, request = self.reader.read(messages[-1]["content"], float(temperature))
+        return mode, request, seed
+
+    async def completion(self, body: Any) -> dict[str, Any]:
+        """The `chat.completion` reply to one request body (RequestError if refused); the
+        judging happens on the batcher's thread while this waits."""
+        mode, request, seed = self.read(body)
         try:
-            outcome = self.batcher.submit(request, mode, seed).result()
+            outcome = await asyncio.wrap_future(self.batcher.submit(request, mode, seed))
         except ValueError as exc:  # a judge that cannot do this mode (BT: no critiques)
             raise RequestError(400, str(exc)) from None
         except Exception as exc:
             raise RequestError(500, f"the judge failed: {type(exc).__name__}: {exc}",
                                "server_error") from None
-        with self._lock:
-            self.served += 1
-            number = self.served
+        self.served += 1
         j = outcome.judgement
         return {
-            "id": f"chatcmpl-{number}", "object": CHAT_OBJECT, "created": int(time.time()),
+            "id": f"chatcmpl-{self.served}", "object": CHAT_OBJECT, "created": int(time.time()),
             "model": self.settings.model,
             "choices": [{"index": 0, "finish_reason": FINISH_STOP,
                          "message": {"role": "assistant", "content": j.raw}}],
@@ -305,74 +329,33 @@ class JudgeServer:
         return {"object": "list", "data": [{"id": self.settings.model, "object": MODEL_OBJECT,
                                             "created": 0, "owned_by": OWNER}]}
 
-    def _authorised(self, header: str | None) -> bool:
-        return self.key is None or header == f"Bearer {self.key}"
+    async def handle(self, request: Request) -> dict[str, Any]:
+        """The reply to one HTTP request whose body has been read (RequestError if refused)."""
+        route = (request.method, request.path.rstrip("/"))
+        if route not in {("GET", MODELS_PATH), ("GET", HEALTH_PATH), ("POST", CHAT_PATH)}:
+            hint = f"; use {CHAT_PATH}" if request.method == "POST" else ""
+            raise RequestError(404, f"no route {request.method} {request.path}{hint}")
+        if self.key is not None and request.headers.get("authorization") != f"Bearer {self.key}":
+            raise RequestError(401, "wrong or missing API key", "authentication_error")
+        if route[1] == MODELS_PATH:
+            return self.models()
+        if route[1] == HEALTH_PATH:
+            return {"status": "ok"}
+        try:
+            body = json.loads(request.body or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"the body is not JSON ({exc})") from None
+        return await self.completion(body)
 
     def start(self) -> JudgeServer:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("%s - %s", self.address_string(), format % args)
-
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _error(self, exc: RequestError) -> None:
-                self._send(exc.status, {"error": {"message": exc.message, "type": exc.kind,
-                                                  "code": exc.status}})
-
-            def _guard(self, handle: Callable[[], dict[str, Any]]) -> None:
-                try:
-                    if not owner._authorised(self.headers.get("Authorization")):
-                        raise RequestError(401, "wrong or missing API key", "authentication_error")
-                    self._send(200, handle())
-                except RequestError as exc:
-                    self._error(exc)
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                routes = {MODELS_PATH: owner.models, HEALTH_PATH: lambda: {"status": "ok"}}
-                route = routes.get(self.path.rstrip("/"))
-                if route is None:
-                    self._error(RequestError(404, f"no route GET {self.path}"))
-                    return
-                self._guard(route)
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    self.close_connection = True  # the unread body would poison the socket
-                    self._error(RequestError(413, f"body of {length} bytes is over "
-                                                  f"{MAX_BODY_BYTES}"))
-                    return
-                raw = self.rfile.read(length)
-                if self.path.rstrip("/") != CHAT_PATH:
-                    self._error(RequestError(404, f"no route POST {self.path}; use {CHAT_PATH}"))
-                    return
-
-                def handle() -> dict[str, Any]:
-                    try:
-                        body = json.loads(raw or b"null")
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise RequestError(400, f"the body is not JSON ({exc})") from None
-                    return owner.completion(body)
-
-                self._guard(handle)
-
-        self._server = serve_http(self.settings.host, self.settings.port, Handler, "judge-http")
+        app = JSONApp(self.handle, self.limits)
+        self._http = ServerThread(app, self.settings.host, self.settings.port, "judge-http")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            stop_http(self._server)
-            self._server = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         self.batcher.close()
 
     def __enter__(self) -> JudgeServer:
@@ -382,30 +365,19 @@ class JudgeServer:
         self.stop()
 
 
-def build_judge(cfg: Config) -> tuple[Judge, str]:
-    """The judge `grm.backend` names, in this process, and a label for it."""
-    from cpe_ray.judges.registry import LOCAL_JUDGES, check_backend
+def judge_to_serve(cfg: Config) -> tuple[Judge, str]:
+    """The judge `grm.backend` names, in this process (an engine GRM on its own engine), and
+    a label for it."""
+    from cpe_ray.judges.registry import build_judge, check_backend, describe_judge
 
-    g = cfg.grm
     check_backend(cfg)
-    if g.backend in LOCAL_JUDGES:
-        judge = LOCAL_JUDGES[g.backend](cfg)
-        label = {"rubric": "the offline rubric judge", "openai": f"the endpoint {g.api.base_url}",
-                 "bt": f"the Bradley-Terry model {g.model_path}"}.get(g.backend, g.backend)
-        return judge, label
+    if not GRM_BACKENDS[cfg.grm.backend].engine:
+        return build_judge(cfg), describe_judge(cfg)
     from cpe_ray.engines.factory import make_engine
-    from cpe_ray.judges.engine import EngineJudge
-    from cpe_ray.models import load_tokenizer
+    from cpe_ray.engines.spec import EngineSpec
 
-    assert g.model_path is not None  # the config requires it for engine backends
-    engine = make_engine(
-        g.backend, g.model_path, dtype=cfg.policy.dtype, seed=cfg.run.seed,
-        use_gpu=cfg.cluster.use_gpu, tensor_parallel_size=g.tensor_parallel_size,
-        gpu_memory_utilization=g.gpu_memory_utilization,
-        max_batch_rows=cfg.rollout.max_batch_rows, trust_remote_code=cfg.policy.trust_remote_code,
-        kv_cache_memory_bytes=g.kv_cache_memory_bytes)
-    tokenizer = load_tokenizer(engine.info().model_path, cfg.policy.trust_remote_code)
-    return EngineJudge(engine, tokenizer, g), f"the GRM {g.model_path} ({g.backend} engine)"
+    engine = make_engine(EngineSpec.for_grm(cfg))
+    return build_judge(cfg, engine), describe_judge(cfg)
 
 
 def serve(cfg: Config, say: Callable[[str], None] = print,
@@ -413,7 +385,7 @@ def serve(cfg: Config, say: Callable[[str], None] = print,
     """`cpe-ray serve-judge`: serve until `stop` is set (the CLI: until Ctrl-C / SIGTERM)."""
     serve_key(cfg.serve)  # one line before a model loads
     load_grm_templates(cfg.grm)
-    judge, label = build_judge(cfg)
+    judge, label = judge_to_serve(cfg)
     stop = stop or threading.Event()
     with JudgeServer(cfg, judge, label) as server:
         say(f"serving {label} as model '{cfg.serve.model}' at {server.base_url}")

@@ -3,8 +3,8 @@
 It computes log-probs and values for its shard of a batch, trains over mini- and
 micro-batches (PPO clip on originals, the off-policy rewrite loss on rewrites, clipped value
 loss for the critic), saves and loads its full training state, exports the policy in HF
-format, and sends its weights to the engines (rank 0 broadcasts; every rank takes part in
-ZeRO-3 gathers). Each mini-batch is one optimiser step whatever its size: losses are
+format, and owns the `WeightSender` (weight_sync/sender.py) that sends the policy to the
+engines. Each mini-batch is one optimiser step whatever its size: losses are
 normalised by the mini-batch's global token (or sequence) count, so splitting rows over
 micro-batches and ranks changes nothing but rounding. The Ray actor in `actors/learner.py`
 is a thin wrapper around `PPOLearnerCore`.
@@ -13,17 +13,29 @@ is a thin wrapper around `PPOLearnerCore`.
 from __future__ import annotations
 
 import os
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from cpe_ray.algo import algorithms as alg
+from cpe_ray.algo.advantages import ADVANTAGE_ESTIMATORS
 from cpe_ray.algo.experience import Experience, pad_response, split_even
+from cpe_ray.algo.losses import (
+    POLICY_LOSSES,
+    PolicyLossInput,
+    aggregate_loss,
+    policy_loss_name,
+    value_loss,
+)
+from cpe_ray.algo.tensors import (
+    entropy_from_logits,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+)
 from cpe_ray.config import Config
 from cpe_ray.learners.ds_config import eval_config, train_config
 from cpe_ray.learners.forward import ResponseForward, micro_order
@@ -35,18 +47,7 @@ from cpe_ray.models import (
     resolve_model_path,
     torch_dtype,
 )
-from cpe_ray.weight_sync.codec import (
-    Bucket,
-    GroupSpec,
-    Manifest,
-    SyncGroup,
-    SyncStats,
-    adopt_buckets,
-    pack,
-    plan_manifest,
-    send_buckets,
-    share_cuda,
-)
+from cpe_ray.weight_sync.sender import WeightSender, gathered
 
 POLICY_TAG, CRITIC_TAG = "policy", "critic"
 MB = 1 << 20
@@ -134,16 +135,6 @@ def init_trained_engine(cfg: Config, model: torch.nn.Module, lr: float, world: i
     return engine
 
 
-def gathered(params: list[torch.nn.Parameter], zero3: bool) -> Any:
-    """A context in which `params` are whole: ZeRO-3 gathers them (every rank must enter);
-    otherwise they already are."""
-    if not zero3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
 def gathered_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor]:
     """Full weights of `module` on rank 0 (others get {}); under ZeRO-3 every rank must call."""
     state = {}
@@ -210,7 +201,7 @@ class PPOLearnerCore:
             policy.config.use_cache = False
         self.policy = self._init_trained(policy, cfg.learner.actor_lr)
         self.critic = None
-        if cfg.ppo.advantage_estimator == "gae":
+        if ADVANTAGE_ESTIMATORS[cfg.ppo.advantage_estimator].needs_critic:
             self.critic = self._init_trained(self._load_critic(), cfg.learner.critic_lr)
         self.ref = None
         if cfg.learner.use_reference:
@@ -223,7 +214,13 @@ class PPOLearnerCore:
         self.policy_forward = ResponseForward(self.policy, share)
         self.critic_forward, self.ref_forward = (
             None if m is None else ResponseForward(m, share) for m in (self.critic, self.ref))
-        self._sync_group: SyncGroup | None = None
+        # At ZeRO-0 in float32 DeepSpeed updates the parameters where they are (its fp16/bf16
+        # optimizers and ZeRO-1/2 flatten them into buffers of their own, which adopting
+        # would cut off from the updates): only then may they live in the sync buckets.
+        self.weights = WeightSender(
+            self.policy.module, rank=rank, world=world_size, device=device, zero3=self.zero3,
+            bucket_bytes=int(cfg.learner.weight_sync_bucket_mb * MB),
+            adopt=cfg.learner.zero_stage == 0 and cfg.policy.dtype == "float32")
 
     # --- construction -------------------------------------------------------------------
     def _load_critic(self) -> torch.nn.Module:
@@ -287,7 +284,7 @@ class PPOLearnerCore:
 
     def compute_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         self.policy.eval()
-        return self._per_row(exp, num_micro, lambda m: alg.logprobs_from_logits(
+        return self._per_row(exp, num_micro, lambda m: logprobs_from_logits(
             self._policy_logits(self.policy_forward, m), m.responses))
 
     @torch.no_grad()
@@ -300,7 +297,7 @@ class PPOLearnerCore:
     def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.ref is None:
             raise RuntimeError("learner.use_reference is off: no reference model")
-        return self._per_row(exp, num_micro, lambda m: alg.logprobs_from_logits(
+        return self._per_row(exp, num_micro, lambda m: logprobs_from_logits(
             self._policy_logits(self.ref_forward, m), m.responses))
 
     def compute_values(self, exp: Experience, num_micro: int) -> torch.Tensor:
@@ -331,7 +328,7 @@ class PPOLearnerCore:
 
     def _policy_step(self, shard: TrainShard, sums: MetricSums) -> None:
         ppo, norm = self.cfg.ppo, self._normalizer(shard)
-        edit_loss = self.cfg.post_edit.enabled and ppo.edit_loss
+        policy_loss = POLICY_LOSSES[policy_loss_name(self.cfg)]
         self.policy.train()
         total = 0.0
         for micro, real in self._micro_batches(shard.experience, shard.num_micro):
@@ -339,22 +336,23 @@ class PPOLearnerCore:
             if not real:
                 m = self._zero_targets(m)
             logits = self._policy_logits(self.policy_forward, m)
-            logp = alg.logprobs_from_logits(logits, m.responses)
-            loss, stats = alg.cpe_policy_loss(
-                logp, m.old_logprobs, m.edit_logprobs, m.advantages, m.response_mask,
-                m.is_edited, ppo.clip_low, ppo.clip_high, ppo.edit_clip_low, ppo.edit_clip_high,
-                dual_clip=ppo.dual_clip, agg=ppo.loss_agg, edit_loss=edit_loss, normalizer=norm,
-            )
+            logp = logprobs_from_logits(logits, m.responses)
+            loss, stats = policy_loss(PolicyLossInput(
+                logp, m.old_logprobs, m.advantages, m.response_mask, is_edited=m.is_edited,
+                edit_logprobs=m.edit_logprobs, clip_low=ppo.clip_low, clip_high=ppo.clip_high,
+                edit_clip_low=ppo.edit_clip_low, edit_clip_high=ppo.edit_clip_high,
+                dual_clip=ppo.dual_clip, agg=ppo.loss_agg, normalizer=norm,
+            ))
             ctx = nullcontext() if ppo.entropy_coef > 0 else torch.no_grad()
             with ctx:
-                entropy = alg.entropy_from_logits(logits)
-                ent_term = alg.aggregate_loss(entropy, m.response_mask, ppo.loss_agg, norm)
+                entropy = entropy_from_logits(logits)
+                ent_term = aggregate_loss(entropy, m.response_mask, ppo.loss_agg, norm)
             if ppo.entropy_coef > 0:
                 loss = loss - ppo.entropy_coef * ent_term
             if self.ref is not None and ppo.kl_coef > 0 and not ppo.kl_in_reward:
-                kl = alg.kl_estimate(logp, m.ref_logprobs, ppo.kl_estimator, m.response_mask)
-                loss = loss + ppo.kl_coef * alg.aggregate_loss(kl, m.response_mask, ppo.loss_agg,
-                                                               norm)
+                kl = kl_estimate(logp, m.ref_logprobs, ppo.kl_estimator, m.response_mask)
+                loss = loss + ppo.kl_coef * aggregate_loss(kl, m.response_mask, ppo.loss_agg,
+                                                           norm)
             self.policy.backward(loss, scale_wrt_gas=False)
             total += float(loss.detach())
             tokens = float(m.response_mask.sum())
@@ -373,7 +371,7 @@ class PPOLearnerCore:
             if not real:
                 m = self._zero_targets(m)
             values = self._values(m)
-            loss, clip_frac = alg.value_loss(
+            loss, clip_frac = value_loss(
                 values, m.old_values, m.returns, m.response_mask, clip=ppo.value_clip,
                 agg=ppo.loss_agg, normalizer=norm,
             )
@@ -382,7 +380,7 @@ class PPOLearnerCore:
             tokens = float(m.response_mask.sum())
             if real and tokens > 0:
                 sums.add("critic/value_clip_frac", float(clip_frac), tokens)
-                sums.add("critic/values", float(alg.masked_mean(values.detach(), m.response_mask)),
+                sums.add("critic/values", float(masked_mean(values.detach(), m.response_mask)),
                          tokens)
         step_and_report(self.critic, sums, "critic", "value_loss", total, self.world)
 
@@ -413,86 +411,6 @@ class PPOLearnerCore:
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Full policy weights on rank 0 (others get {}): for tests and small models."""
         return gathered_state(self.policy.module, self.zero3, self.rank)
-
-    # --- weight sync ------------------------------------------------------------------------
-    def weight_manifest(self) -> Manifest:
-        entries = []
-        for name, p in self.policy.module.named_parameters():
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            entries.append((name, shape, p.dtype))
-        return plan_manifest(entries, int(self.cfg.learner.weight_sync_bucket_mb * MB))
-
-    def join_weight_group(self, spec: GroupSpec, manifest: Manifest) -> bool:
-        """Rank 0 joins; True if the policy's parameters now live in the bucket buffers."""
-        if self.rank != 0:
-            return False
-        self._sync_group = SyncGroup(spec, 0, self.device)
-        # At ZeRO-0 in float32 DeepSpeed updates the parameters where they are (its fp16/bf16
-        # optimizers and ZeRO-1/2 flatten them into buffers of their own, which adopting
-        # would cut off from the updates): lay them out as the buckets, so a sync sends them
-        # without packing. adopt_buckets changes nothing if any shape or dtype disagrees.
-        if self.cfg.learner.zero_stage == 0 and self.cfg.policy.dtype == "float32":
-            params = dict(self.policy.module.named_parameters())
-            return adopt_buckets(params, manifest, self.device) is not None
-        return False
-
-    def broadcast_weights(self, manifest: Manifest) -> SyncStats | None:
-        params = dict(self.policy.module.named_parameters())
-
-        @contextmanager
-        def fetch(bucket: Bucket):
-            chosen = [params[t.name] for t in bucket.tensors]
-            with gathered(chosen, self.zero3):
-                yield {t.name: params[t.name].data for t in bucket.tensors}
-
-        if self.rank == 0:
-            if self._sync_group is None:
-                raise RuntimeError("broadcast_weights before join_weight_group")
-            return send_buckets(self._sync_group, manifest, fetch, persistent=not self.zero3)
-        for bucket in manifest.buckets:  # ZeRO-3: every rank must enter each gather
-            with fetch(bucket):
-                pass
-        return None
-
-    def push_weights_ipc(
-        self,
-        manifest: Manifest,
-        load: Callable[[dict[str, Any], Bucket], None] | None,
-        tp: int = 1,
-    ) -> SyncStats:
-        """Colocated GPUs: pack each bucket here and let the engine workers on these GPUs map it.
-
-        Learner ranks [e*tp, (e+1)*tp) share GPUs with engine e's tp workers. Every rank packs
-        the bucket on its GPU; with tp > 1 the handles are gathered so that the engine's first
-        rank (the one given `load`) hands the engine one handle per GPU. `load(handles,
-        bucket)` returns once the engine has copied the bucket (a blocking Ray call), and a
-        barrier keeps the other ranks' buffers alive until then, so one buffer serves every
-        bucket. Every rank gathers (ZeRO-3).
-        """
-        import torch.distributed as dist
-
-        from cpe_ray.weight_sync.codec import gpu_uuid
-
-        start = time.perf_counter()
-        params = dict(self.policy.module.named_parameters())
-        buffer = torch.empty(manifest.max_bucket_bytes, dtype=torch.uint8, device=self.device)
-        uuid = gpu_uuid(self.device.index or 0)
-        for bucket in manifest.buckets:
-            chosen = [params[t.name] for t in bucket.tensors]
-            with gathered(chosen, self.zero3):
-                flat = pack(bucket, {t.name: params[t.name].data for t in bucket.tensors}, buffer)
-                torch.cuda.synchronize(self.device)
-                handles = {uuid: share_cuda(flat)}
-                if tp > 1:
-                    everyone: list[Any] = [None] * self.world
-                    dist.all_gather_object(everyone, handles)
-                    first = self.rank - self.rank % tp
-                    handles = {k: v for h in everyone[first : first + tp] for k, v in h.items()}
-                if load is not None:
-                    load(handles, bucket)
-                if tp > 1:
-                    dist.barrier()
-        return SyncStats(len(manifest.buckets), manifest.total_bytes, time.perf_counter() - start)
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "device": str(self.device),

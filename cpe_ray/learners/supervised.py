@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from cpe_ray.algo import algorithms as alg
 from cpe_ray.algo.experience import split_even
+from cpe_ray.algo.losses import bradley_terry_loss, sft_loss
+from cpe_ray.algo.tensors import logprobs_from_logits, masked_mean
 from cpe_ray.config import Config
 from cpe_ray.learners.ppo import (
     MetricSums,
@@ -166,14 +167,14 @@ class SupervisedCore:
         ids, attn, labels = ids.to(self.device), attn.to(self.device), labels.to(self.device)
         logits = self.engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
         targets, mask = ids[:, 1:], labels[:, 1:].float() * real
-        logp = alg.logprobs_from_logits(logits[:, :-1], targets)
-        loss = alg.sft_loss(logp, mask, normalizer)
+        logp = logprobs_from_logits(logits[:, :-1], targets)
+        loss = sft_loss(logp, mask, normalizer)
         tokens = float(mask.sum())
         if tokens > 0:
             hits = (logits[:, :-1].argmax(-1) == targets).float()
-            sums.add(f"{prefix}/token_accuracy", float(alg.masked_mean(hits, mask)), tokens)
+            sums.add(f"{prefix}/token_accuracy", float(masked_mean(hits, mask)), tokens)
             if normalizer is None:  # evaluation: the token mean; training reports its loss
-                sums.add(f"{prefix}/loss", float(alg.sft_loss(logp, mask)), tokens)
+                sums.add(f"{prefix}/loss", float(sft_loss(logp, mask)), tokens)
         return loss
 
     def _bt(self, batch: list[PairTokens], real: bool, normalizer: float | None,
@@ -185,13 +186,13 @@ class SupervisedCore:
                              use_cache=False).logits[:, 0].float()
         chosen, rejected = scores[:n], scores[n:]
         weight = torch.full((n,), float(real), device=scores.device)
-        loss = alg.bradley_terry_loss(chosen, rejected, weight, normalizer)
+        loss = bradley_terry_loss(chosen, rejected, weight, normalizer)
         if real:
             margin = (chosen - rejected).detach()
             sums.add(f"{prefix}/accuracy", float((margin > 0).float().mean()), n)
             sums.add(f"{prefix}/margin", float(margin.mean()), n)
             if normalizer is None:
-                sums.add(f"{prefix}/loss", float(alg.bradley_terry_loss(chosen, rejected)), n)
+                sums.add(f"{prefix}/loss", float(bradley_terry_loss(chosen, rejected)), n)
         return loss
 
     def _loss(self) -> Callable[..., torch.Tensor]:

@@ -15,7 +15,7 @@ from cpe_ray.algo.experience import split_even
 from cpe_ray.config import Config
 from cpe_ray.config.choices import GRM_BACKENDS
 from cpe_ray.judges.base import JudgeRequest, check_mode
-from cpe_ray.judges.registry import LOCAL_JUDGES, check_backend, judge_in_driver
+from cpe_ray.judges.registry import build_judge, check_backend, judge_in_driver
 from cpe_ray.runtime.pipeline import Pending, concat
 
 
@@ -24,7 +24,7 @@ class JudgeClient:
                  labels: Sequence[str] = ()) -> None:
         check_backend(cfg)
         self.cfg, self.actors, self.labels = cfg, list(grm_actors), list(labels)
-        self.local = LOCAL_JUDGES[cfg.grm.backend](cfg) if judge_in_driver(cfg) else None
+        self.local = build_judge(cfg) if judge_in_driver(cfg) else None
         if self.local is None and not self.actors:
             raise ValueError(f"grm.backend={cfg.grm.backend} needs GRM actors")
         # one worker: the judge sees one batch at a time, as an actor would

@@ -19,7 +19,8 @@ from cpe_ray.learners.ppo import TrainShard, reduce_metrics
 from cpe_ray.runtime.groups import RankGroup
 from cpe_ray.runtime.pipeline import Pending
 from cpe_ray.runtime.remote import RemoteError, wait_all
-from cpe_ray.weight_sync.codec import GroupSpec, Manifest, SyncStats
+from cpe_ray.weight_sync.codec import Manifest
+from cpe_ray.weight_sync.group import GroupSpec, SyncStats
 
 
 class LearnerGroup(RankGroup):
@@ -41,25 +42,33 @@ class LearnerGroup(RankGroup):
     def _num_micro(self, rows_per_rank: list[int]) -> int:
         return max(1, math.ceil(max(rows_per_rank) / self.cfg.learner.micro_batch_size))
 
-    def submit_per_row(self, method: str, exp: Experience) -> Pending:
-        """Start a per-row forward (`compute_logprobs`, `compute_ref_logprobs`,
-        `compute_values`) over the ranks; its result is one [B, R] tensor."""
+    def _submit_per_row(self, method: str, exp: Experience) -> Pending:
+        """Start a per-row forward over the ranks; its result is one [B, R] tensor."""
         shards = [exp.select(rows) for rows in split_even(len(exp), self.world)]
         k = self._num_micro([len(s) for s in shards])
         refs = [getattr(a, method).remote(s, k) for a, s in zip(self.actors, shards, strict=True)]
         return Pending(refs, list(self.labels), method, combine=torch.cat)
 
-    def _per_row(self, method: str, exp: Experience) -> torch.Tensor:
-        return self.submit_per_row(method, exp).wait(self.cfg.learner.dist_timeout_s)
+    def submit_logprobs(self, exp: Experience) -> Pending:
+        """Start the policy's per-token log-probs of `exp`'s responses (pi_old)."""
+        return self._submit_per_row("compute_logprobs", exp)
+
+    def submit_ref_logprobs(self, exp: Experience) -> Pending:
+        """Start the reference model's per-token log-probs."""
+        return self._submit_per_row("compute_ref_logprobs", exp)
+
+    def submit_values(self, exp: Experience) -> Pending:
+        """Start the critic's per-token values."""
+        return self._submit_per_row("compute_values", exp)
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
-        return self._per_row("compute_logprobs", exp)
+        return self.submit_logprobs(exp).wait(self.cfg.learner.dist_timeout_s)
 
     def compute_ref_logprobs(self, exp: Experience) -> torch.Tensor:
-        return self._per_row("compute_ref_logprobs", exp)
+        return self.submit_ref_logprobs(exp).wait(self.cfg.learner.dist_timeout_s)
 
     def compute_values(self, exp: Experience) -> torch.Tensor:
-        return self._per_row("compute_values", exp)
+        return self.submit_values(exp).wait(self.cfg.learner.dist_timeout_s)
 
     def next_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         return self._call("next_token_logits", [(prompts,)] * self.world, "logits")[0]

@@ -68,8 +68,9 @@ class Pending:
 
 
 class Pipeline:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, timeout_key: str = "learner.dist_timeout_s") -> None:
         self.timeout_s = timeout_s
+        self.timeout_key = timeout_key  # the setting a stall's message tells the user to raise
         self._waiting: list[tuple[Pending, set[Any], str, Callable[[Any], None]]] = []
         self._threads: list[tuple[Pending, str, Callable[[Any], None]]] = []
         self._ready: deque[tuple[Pending, str, Callable[[Any], None]]] = deque()
@@ -117,7 +118,7 @@ class Pipeline:
             what = (self._waiting or self._threads)[0][0].what
             raise RemoteError(f"{what}: no answer within {self.timeout_s:g} s from "
                               f"{', '.join(late)}; check that actor's log (ray logs), or "
-                              "raise learner.dist_timeout_s")
+                              f"raise {self.timeout_key}")
         outstanding = [r for _, refs, _, _ in self._waiting for r in refs]
         if not outstanding:
             futures_wait([t[0].thread for t in self._threads], timeout=left,
@@ -137,6 +138,18 @@ class Pipeline:
     def spans(self) -> dict[str, float]:
         """Seconds from each phase's first submission to its last result."""
         return {k: self._end.get(k, v) - v for k, v in self._start.items()}
+
+
+def gather(pendings: Sequence[Pending], timeout_s: float,
+           timeout_key: str = "learner.dist_timeout_s") -> list[Any]:
+    """Every result of `pendings`, in their order, waited on all at once (a failure or a
+    stall is one `RemoteError` line, as in `Pipeline.run`)."""
+    results: list[Any] = [None] * len(pendings)
+    pipe = Pipeline(timeout_s, timeout_key)
+    for i, pending in enumerate(pendings):
+        pipe.then(pending, pending.what, lambda value, i=i: results.__setitem__(i, value))
+    pipe.run()
+    return results
 
 
 def concat(parts: Sequence[Sequence[Any]]) -> list[Any]:

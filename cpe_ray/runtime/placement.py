@@ -123,7 +123,7 @@ def plan_placement(cfg: Config) -> PlacementPlan:
     # grm.num_engines GPUs of its own (one scorer each) on a GPU cluster.
     backend = GRM_BACKENDS[g.backend]
     if not backend.in_driver(cl.use_gpu):
-        tp = g.tensor_parallel_size if backend.tensor_parallel else 1
+        tp = g.tensor_parallel_size if backend.engine else 1
         pools.append(spec("grm", g.num_engines * tp))
     if not cl.colocate_learner_rollout:
         pools.append(spec("learner", le.num_ranks))

@@ -9,6 +9,7 @@ which actor did what, instead of a hang or a traceback from deep inside Ray.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,9 @@ from cpe_ray.errors import CpeError
 # Collect stragglers' results for a moment after the deadline so one slow peer's error is
 # reported rather than a timeout, when both happened.
 GRACE_S = 1.0
+DETAIL_CHARS = 400  # of a failure's message in the one line
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor's name in the traceback
+_QUALIFIED = re.compile(r"^(?:\w+\.)+(\w+(?::|$))")  # cpe_ray.errors.TemplateError: ...
 
 
 class RemoteError(CpeError):
@@ -49,6 +53,21 @@ def actor_env(cfg: Config, threads: int) -> dict[str, str]:
     return env
 
 
+def _raised_in_init(exc: ray.exceptions.RayActorError) -> str | None:
+    """The last line of the traceback of what an actor's `__init__` raised ("TemplateError:
+    prompt template ... not found"), None if it died otherwise. Ray keeps only the text of
+    the creation task's error: the exception follows the traceback's last frame, the source
+    line and carets under that frame indented."""
+    if not exc.actor_init_failed:
+        return None
+    lines = _ANSI.sub("", str(exc)).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1:] if frames else lines[-1:]
+    tail = [line for line in rest if line.strip() and not line[:1].isspace()] or rest[-1:]
+    text = " ".join(" ".join(tail).split())
+    return _QUALIFIED.sub(r"\1", text)[:DETAIL_CHARS] or type(exc).__name__
+
+
 def _outcome(fut: ray.ObjectRef, label: str, what: str
              ) -> tuple[Any, tuple[bool, str, str, BaseException] | None]:
     """(result, None) or (None, (died, label, message, exception)) of a finished future."""
@@ -56,12 +75,15 @@ def _outcome(fut: ray.ObjectRef, label: str, what: str
         return ray.get(fut), None
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-        detail = " ".join(str(cause).split())[:400] or type(cause).__name__
+        detail = " ".join(str(cause).split())[:DETAIL_CHARS] or type(cause).__name__
         return None, (False, label, f"{what}: {label} failed: {detail}", exc)
     except ray.exceptions.RayActorError as exc:
-        return None, (True, label, f"{what}: {label} died ({type(exc).__name__})", exc)
+        raised = _raised_in_init(exc)
+        message = (f"{what}: {label} died during start-up: {raised}" if raised is not None
+                   else f"{what}: {label} died ({type(exc).__name__})")
+        return None, (True, label, message, exc)
     except ray.exceptions.RayError as exc:  # e.g. RuntimeEnvSetupError: never started
-        detail = " ".join(str(exc).split())[:400]
+        detail = " ".join(str(exc).split())[:DETAIL_CHARS]
         return None, (True, label, f"{what}: {label} could not run: {detail}", exc)
 
 

@@ -5,19 +5,27 @@ one line on failure), then engines and learner ranks start in their bundles, the
 learner's DeepSpeed group forms and the weight-sync group joins the engines. `Runtime`
 holds the handles the controller needs, can start any engine again in its own bundle or the
 whole learner group in its bundles (fault recovery: `cpe_ray.runtime.recovery`), and tears
-everything down in `shutdown`.
+everything down in `shutdown`. Before all that, with Ray not started yet, `check_startup` fails
+in one line on what an actor's `__init__` would fail on: a dead actor tells the driver little.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from cpe_ray.algo.advantages import ADVANTAGE_ESTIMATORS
+from cpe_ray.algo.post_edit import load_edit_template
+from cpe_ray.chat import load_policy_system_template
 from cpe_ray.config import Config
 from cpe_ray.config.choices import GRM_BACKENDS
+from cpe_ray.errors import ConfigError
+from cpe_ray.judges.registry import check_backend
+from cpe_ray.models import resolve_model_path
 from cpe_ray.runtime.placement import (
     PlacementPlan,
     Pool,
@@ -146,13 +154,38 @@ def engine_slots(cfg: Config, plan: PlacementPlan, pools: dict[str, Pool]) -> li
         slots.append(EngineSlot(ROLLOUT, i, f"rollout engine {i}", PolicyRollout, options,
                                 (cfg, i, bundles if tp > 1 else None, share)))
     if GRM in pools:
-        gtp = (cfg.grm.tensor_parallel_size if GRM_BACKENDS[cfg.grm.backend].tensor_parallel
+        gtp = (cfg.grm.tensor_parallel_size if GRM_BACKENDS[cfg.grm.backend].engine
                else 1)
         for i in range(cfg.grm.num_engines):
             options, bundles, _ = _engine_options(cfg, pools[GRM], i, gtp, False)
             slots.append(EngineSlot(GRM, i, f"GRM engine {i}", GRMJudge, options,
                                     (cfg, i, bundles if gtp > 1 else None)))
     return slots
+
+
+def check_startup(cfg: Config) -> None:
+    """One-line errors, before Ray starts, for everything the config names that an actor would
+    otherwise fail on in its `__init__`: the prompt templates, the engines' packages and the
+    model paths (an alias builds its model here, once)."""
+    load_policy_system_template(cfg.policy.system_template)
+    load_edit_template(cfg.post_edit.template)  # every rollout engine loads it
+    for key, backend in (("rollout.backend", cfg.rollout.backend),
+                         ("grm.backend", cfg.grm.backend)):
+        # find_spec, not an import: vLLM takes seconds to import and is needed in actors only
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            from cpe_ray.engines.vllm import MISSING_VLLM
+
+            raise ConfigError(f"{key}=vllm: {MISSING_VLLM}")
+    models = {"policy.model_path": cfg.policy.model_path, "grm.model_path": cfg.grm.model_path}
+    if ADVANTAGE_ESTIMATORS[cfg.ppo.advantage_estimator].needs_critic:
+        models["learner.critic_model_path"] = cfg.learner.critic_model_path
+    for key, path in models.items():
+        if path:
+            try:
+                resolve_model_path(path)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+    check_backend(cfg)  # the judge's own: its templates, its endpoint's key
 
 
 def start_runtime(cfg: Config, with_learner: bool = True) -> Runtime:

@@ -31,6 +31,7 @@ from cpe_ray.runs import (
     is_due,
     open_run,
     progress_bar,
+    release_run,
     restore,
     write_checkpoint,
 )
@@ -174,6 +175,7 @@ def run_stage(cfg: Config, job: StageJob, after: Callable[[Path], dict[str, Any]
         remove_pools(pools)
         if started_ray:
             ray.shutdown()
+        release_run(run_dir)
 
 
 def _write_summary(run_dir: Path, job: StageJob, r: StageResult) -> None:

@@ -15,7 +15,7 @@ START_LIMIT_S = 120
 
 JOIN = textwrap.dedent("""
     from cpe_ray.config import load_config
-    from cpe_ray.weight_sync.codec import free_port
+    from cpe_ray.weight_sync.group import free_port
     from actors.ranks import init_rank_process
     import torch.distributed as dist
     device = init_rank_process(load_config(), 0, 1, "127.0.0.1", free_port())

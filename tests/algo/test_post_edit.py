@@ -9,14 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpe_ray.algo.post_edit import (
+    SELECTION_STRATEGIES,
     TRUNCATION_MARK,
     RewriteInfo,
+    SelectionStrategy,
     build_edit_messages,
     fit_edit_prompt,
     load_edit_template,
     needs_rewards,
     select_rewrites,
 )
+from cpe_ray.config.choices import STRATEGIES
 from cpe_ray.errors import TemplateError
 
 
@@ -146,6 +149,17 @@ def test_bad_strategy_and_ratio() -> None:
     with pytest.raises(ValueError, match="outside"):
         select_rewrites("random", [], ratio=1.5, seed=0)
     assert select_rewrites("reward", [], ratio=0.5, seed=0) == []
+
+
+def test_strategy_table_matches_the_config_choices_and_refuses_duplicates() -> None:
+    assert tuple(SELECTION_STRATEGIES) == STRATEGIES
+    assert [s for s in STRATEGIES if not needs_rewards(s)] == ["random"]
+    with pytest.raises(ValueError, match="selection strategy 'reward' is registered already"):
+        SELECTION_STRATEGIES.register("reward", SelectionStrategy(lambda s: [], False))
+    assert needs_rewards("reward")  # the first entry stays
+    with pytest.raises(ValueError, match="unknown selection strategy 'best'; use one of "
+                                         "random, reward, batch_reward, improvement"):
+        needs_rewards("best")
 
 
 @settings(max_examples=100, deadline=None)

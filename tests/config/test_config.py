@@ -51,7 +51,7 @@ def test_release_recipe_and_the_papers_stated_clip() -> None:
     """The release's main CPE script runs the rewrite ratio unclipped; qwen2.5-7b-cpe.yaml is
     the same recipe with the paper's stated clip [0.8, 1.2], and nothing else."""
     from cpe_ray.learners.ds_config import train_config
-    from cpe_ray.rl.trainer import num_mini_batches
+    from cpe_ray.rl.compute import num_mini_batches
 
     release = load_config(CONF_DIR / "experiment" / "qwen2.5-7b-cpe-release.yaml")
     assert release.ppo.edit_clip_low is None and release.ppo.edit_clip_high is None

@@ -27,11 +27,14 @@ from cpe_ray.engines.vllm import (
     ray_env,
     to_vllm_sampling_kwargs,
 )
-from cpe_ray.engines.vllm_ext import WeightSyncExtension, decode_tensor, encode_tensors
+from cpe_ray.engines.vllm_ext import WeightSyncExtension
+from cpe_ray.engines.vllm_reload import LayerwiseLoader
 from cpe_ray.errors import ConfigError
 from cpe_ray.tiny import TinyModelSpec, ensure_tiny_model
-from cpe_ray.weight_sync import codec as ws
-from cpe_ray.weight_sync.codec import WeightSyncError, gpu_uuid
+from cpe_ray.weight_sync import codec
+from cpe_ray.weight_sync import group as sync
+from cpe_ray.weight_sync.codec import WeightSyncError, encode_tensors
+from cpe_ray.weight_sync.cuda import gpu_uuid, share_cuda
 
 SMALL_BUCKET_BYTES = 16 * 1024  # several buckets for the tiny model: exercises double buffering
 GROUP_TIMEOUT_S = 60.0
@@ -80,24 +83,28 @@ class HFLoader:
         return loaded
 
 
+class StandInLoader(LayerwiseLoader):
+    """vLLM's layerwise reload left out (an HF model has none of its layer metadata); the
+    real engine tests below run it."""
+
+    def _open_reload(self) -> None:
+        pass
+
+    def _close_reload(self) -> None:
+        pass
+
+    def _config_context(self):
+        return nullcontext()
+
+
 class StandInWorker(WeightSyncExtension):
-    """vLLM's Worker as the extension sees it: rank, device, model_runner.get_model(). vLLM's
-    layerwise reload is left out (an HF model has none of its layer metadata); the real
-    engine tests below run it."""
+    """vLLM's Worker as the extension sees it: rank, device, model_runner.get_model()."""
 
     def __init__(self, model: torch.nn.Module, rank: int = 0) -> None:
         self.rank, self.device = rank, torch.device("cpu")
         loader = HFLoader(model)
         self.model_runner = SimpleNamespace(get_model=lambda: loader)
-
-    def _cpe_open_reload(self) -> None:
-        pass
-
-    def _cpe_close_reload(self) -> None:
-        pass
-
-    def _cpe_config_context(self):
-        return nullcontext()
+        self._cpe_layerwise = StandInLoader(rank, self.model_runner, vllm_config=None)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +122,8 @@ def run_together(*fns):
         return [f.result() for f in [pool.submit(fn) for fn in fns]]
 
 
-def gloo_spec(world_size: int) -> ws.GroupSpec:
-    return ws.GroupSpec("gloo", "127.0.0.1", ws.free_port("127.0.0.1"), world_size, GROUP_TIMEOUT_S)
+def gloo_spec(world_size: int) -> sync.GroupSpec:
+    return sync.GroupSpec("gloo", "127.0.0.1", sync.free_port("127.0.0.1"), world_size, GROUP_TIMEOUT_S)
 
 
 def new_weights(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -193,23 +200,15 @@ def test_missing_vllm_is_one_line_config_error(tiny_path) -> None:
 
 
 # ---------------------------------------------------------------- the worker extension
-def test_tensor_encoding_round_trips() -> None:
-    tensors = [("a", torch.randn(3, 4).to(torch.bfloat16)), ("b", torch.tensor(2.5)),
-               ("c", torch.empty(0, 3))]
-    for (name, want), entry in zip(tensors, encode_tensors(tensors), strict=True):
-        got_name, got = decode_tensor(entry, "cpu")
-        assert got_name == name and got.dtype == want.dtype and torch.equal(got, want)
-
-
 def test_receive_weights_over_gloo_reaches_every_tp_rank(tiny_model) -> None:
     sent = new_weights(tiny_model)
-    manifest = ws.manifest_for(sent.items(), SMALL_BUCKET_BYTES)
+    manifest = codec.manifest_for(sent.items(), SMALL_BUCKET_BYTES)
     assert len(manifest.buckets) > 2
     spec = gloo_spec(world_size=3)  # the learner plus one engine of two TP ranks
     workers = [StandInWorker(copy.deepcopy(tiny_model), rank=r) for r in range(2)]
 
     def send():
-        return ws.send_buckets(ws.SyncGroup(spec, 0), manifest, lambda bucket: nullcontext(sent))
+        return sync.send_buckets(sync.SyncGroup(spec, 0), manifest, lambda bucket: nullcontext(sent))
 
     def receive(worker):
         sync_rank = worker.cpe_join_weight_group(spec.to_dict(), 1)
@@ -383,14 +382,14 @@ def assert_greedy_matches(model, completions) -> float:
 
 
 def update_over_group(engine, weights, backend: str = "gloo", device: str = "cpu"):
-    spec = ws.GroupSpec(backend, "127.0.0.1", ws.free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
-    manifest = ws.manifest_for(weights.items(), SMALL_BUCKET_BYTES)
+    spec = sync.GroupSpec(backend, "127.0.0.1", sync.free_port("127.0.0.1"), 2, GROUP_TIMEOUT_S)
+    manifest = codec.manifest_for(weights.items(), SMALL_BUCKET_BYTES)
     _, group = run_together(lambda: engine.join_weight_group(spec, 1),
-                            lambda: ws.SyncGroup(spec, 0, device=device))
+                            lambda: sync.SyncGroup(spec, 0, device=device))
 
     def push():
         stats, _ = run_together(lambda: engine.receive_weights(manifest),
-                                lambda: ws.send_buckets(group, manifest, lambda b: nullcontext(weights)))
+                                lambda: sync.send_buckets(group, manifest, lambda b: nullcontext(weights)))
         assert stats.buckets == len(manifest.buckets) > 2  # layers split across buckets
 
     push()
@@ -480,10 +479,10 @@ def test_sleep_on_a_cpu_is_a_one_line_config_error(tiny_path) -> None:
 def test_gpu_weight_update_by_cuda_ipc(reset_engine, seed1_model) -> None:
     new = dict(seed1_model.named_parameters())
     with reset_engine.weight_update():
-        for bucket in ws.manifest_for(new.items(), SMALL_BUCKET_BYTES).buckets:
-            flat = ws.pack(bucket, new, torch.empty(bucket.nbytes, dtype=torch.uint8, device="cuda"))
+        for bucket in codec.manifest_for(new.items(), SMALL_BUCKET_BYTES).buckets:
+            flat = codec.pack(bucket, new, torch.empty(bucket.nbytes, dtype=torch.uint8, device="cuda"))
             torch.cuda.synchronize()
-            reset_engine.load_ipc({gpu_uuid(torch.cuda.current_device()): ws.share_cuda(flat)}, bucket)
+            reset_engine.load_ipc({gpu_uuid(torch.cuda.current_device()): share_cuda(flat)}, bucket)
             del flat  # load_ipc returns after the worker's copies have finished
     assert_greedy_matches(seed1_model, greedy(reset_engine))
 

@@ -240,17 +240,15 @@ def test_launch_entrypoint(tmp_path: Path) -> None:
 
 
 def test_checkpoint_folder_resolves_to_its_policy(tmp_path: Path) -> None:
-    from cpe_ray.config import Config
+    from cpe_ray.config import Config, EvalConfig
     from cpe_ray.evaluation.generate import eval_model_path, model_label
 
     policy = tmp_path / "run" / "checkpoints" / "step-16" / "policy"
     policy.mkdir(parents=True)
     (policy / "config.json").write_text("{}")
-    cfg = Config()
-    cfg.eval.model_path = str(policy.parent)
+    cfg = Config(eval=EvalConfig(model_path=str(policy.parent)))
     assert eval_model_path(cfg) == str(policy)
     assert model_label(cfg) == "run-step-16"  # run name and step
-    cfg.eval.model_name = "cpe-step-16"
-    assert model_label(cfg) == "cpe-step-16"
-    cfg.eval.model_path = None  # falls back to policy.model_path
-    assert eval_model_path(cfg) == "tiny"
+    named = Config(eval=EvalConfig(model_path=str(policy.parent), model_name="cpe-step-16"))
+    assert model_label(named) == "cpe-step-16"
+    assert eval_model_path(Config()) == "tiny"  # eval.model_path null: policy.model_path

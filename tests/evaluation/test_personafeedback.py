@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from cpe_ray.config import ApiConfig, Config, GRMConfig
+from cpe_ray.config import ApiConfig, Config, EvalConfig, GRMConfig
 from cpe_ray.data import load_personafeedback
 from cpe_ray.evaluation.endpoint import EndpointPairwiseJudge
 from cpe_ray.evaluation.pairwise import LengthPairwiseJudge, load_pairwise_template
@@ -138,11 +138,8 @@ def test_bradley_terry_model(cases, tmp_path) -> None:
 
 
 def test_run_writes_report(tmp_path) -> None:
-    cfg = Config()
-    cfg.eval.output_dir = str(tmp_path)
-    cfg.eval.personafeedback_judge = "pairwise"
-    cfg.eval.judge = "length"
-    cfg.eval.limit = 2  # two cases per tier x kind cell
+    cfg = Config(eval=EvalConfig(output_dir=str(tmp_path), personafeedback_judge="pairwise",
+                                 judge="length", limit=2))  # two cases per tier x kind cell
     summary = run_personafeedback(cfg, say=lambda _: None)
     out = tmp_path / "personafeedback"
     assert summary["n_cases"] == 12 and summary["table"]["all/all"]["n"] == 12
@@ -159,10 +156,8 @@ def test_run_writes_report(tmp_path) -> None:
 def test_grm_on_an_engine_reports_parse_failures(tmp_path) -> None:
     # The tiny model as an LLM GRM (grm.backend=hf): it never writes parseable scores, so
     # every case is a parse failure, counted as wrong and reported, none dropped.
-    cfg = Config()
-    cfg.grm.backend, cfg.grm.model_path = "hf", "tiny"
-    cfg.grm.max_new_tokens, cfg.grm.max_retries = 4, 0
-    cfg.eval.output_dir, cfg.eval.limit = str(tmp_path), 1
+    cfg = Config(grm=GRMConfig(backend="hf", model_path="tiny", max_new_tokens=4, max_retries=0),
+                 eval=EvalConfig(output_dir=str(tmp_path), limit=1))
     summary = run_personafeedback(cfg, say=lambda _: None)
     total = summary["table"]["all/all"]
     assert (total["n"], total["parse_failure"], total["accuracy"]) == (6, 6, 0.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cpe_ray.config import Config
+from cpe_ray.config import ApiConfig, Config, EvalConfig
 from cpe_ray.errors import DataError
 from cpe_ray.evaluation.personamem import (
     accuracy_by_type,
@@ -118,11 +118,10 @@ def test_accuracy_with_an_endpoint_answerer(tmp_path: Path,
     # An answerer that always says (b): right on the two questions whose answer is (b).
     monkeypatch.setenv("CPE_RAY_TEST_PM_KEY", "pm-key")
     with ChatServer(lambda messages: "Thinking... <final_answer>(b)", "pm-key") as server:
-        cfg = Config()
-        cfg.eval.personamem_answerer = "openai"
-        cfg.eval.output_dir = str(tmp_path)
-        cfg.eval.api.base_url, cfg.eval.api.model = server.base_url, "answerer"
-        cfg.eval.api.api_key_env = "CPE_RAY_TEST_PM_KEY"
+        api = ApiConfig(base_url=server.base_url, model="answerer",
+                        api_key_env="CPE_RAY_TEST_PM_KEY")
+        cfg = Config(eval=EvalConfig(personamem_answerer="openai", output_dir=str(tmp_path),
+                                     api=api))
         summary = run_personamem(cfg, say=lambda _: None)
     assert server.requests == 6
     (asked,) = [b for b in server.bodies  # requests run concurrently: find the first question
@@ -142,12 +141,11 @@ def test_accuracy_with_an_endpoint_answerer(tmp_path: Path,
 def test_unanswered_questions_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CPE_RAY_TEST_PM_KEY", "pm-key")
     with ChatServer(lambda m: "<final_answer>(b)", "pm-key", fail_first=None) as server:
-        cfg = Config()
-        cfg.eval.personamem_answerer, cfg.eval.output_dir = "openai", str(tmp_path)
-        cfg.eval.limit = 2
-        cfg.eval.api.base_url, cfg.eval.api.model = server.base_url, "answerer"
-        cfg.eval.api.api_key_env, cfg.eval.api.max_retries = "CPE_RAY_TEST_PM_KEY", 1
-        cfg.eval.api.backoff_initial_s = cfg.eval.api.backoff_max_s = 0.01
+        api = ApiConfig(base_url=server.base_url, model="answerer",
+                        api_key_env="CPE_RAY_TEST_PM_KEY", max_retries=1,
+                        backoff_initial_s=0.01, backoff_max_s=0.01)
+        cfg = Config(eval=EvalConfig(personamem_answerer="openai", output_dir=str(tmp_path),
+                                     limit=2, api=api))
         summary = run_personamem(cfg, say=lambda _: None)
     assert summary["table"]["all"]["unanswered"] == 2 and summary["table"]["all"]["n"] == 2
     rows = [json.loads(line) for line in (tmp_path / "personamem" / "answers.jsonl").open()]

@@ -10,6 +10,7 @@ showing up in errors, logs or written files.
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -39,11 +40,10 @@ def key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def client(server: ChatServer, **overrides) -> EndpointClient:
+    settings = {"timeout_s": 5.0, "max_retries": 4, "backoff_initial_s": 0.01,
+                "backoff_max_s": 0.05, "max_concurrency": 4, **overrides}
     api = ApiConfig(base_url=server.base_url, model="judge-model", api_key_env=KEY_ENV,
-                        timeout_s=5.0, max_retries=4, backoff_initial_s=0.01,
-                        backoff_max_s=0.05, max_concurrency=4)
-    for k, v in overrides.items():
-        setattr(api, k, v)
+                    **settings)
     return EndpointClient(EndpointSpec.from_config(api, "eval.api"))
 
 
@@ -136,9 +136,9 @@ def test_grm_on_an_endpoint() -> None:
         return (f"<critique>Fine.</critique>\n<scores>\nHelpfulness: {score}\n"
                 f"Personalization: {score}\nNaturalness: 3\n</scores>")
 
-    cfg = GRMConfig(backend="openai")
     with ChatServer(grm_policy, KEY) as server:
-        cfg.api = ApiConfig(base_url=server.base_url, model="grm", api_key_env=KEY_ENV)
+        cfg = GRMConfig(backend="openai", api=ApiConfig(base_url=server.base_url, model="grm",
+                                                        api_key_env=KEY_ENV))
         judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(cfg.api, "grm.api")), cfg)
         outcomes = judge.judge([JudgeRequest(PERSONA, QUESTION, "Keep the lights bright."),
                                 JudgeRequest(PERSONA, QUESTION, "Sleep.")], "score")
@@ -167,10 +167,10 @@ def test_release_grm_on_an_endpoint_retries_by_sampling(tmp_path) -> None:
         return ("<critique>\nToo short.\n</critique>\n\n<scores>\nHelpfulness: 3分\n"
                 "Personalization: 2分\nNatural: 1分\n</scores>")
 
-    cfg = GRMConfig(backend="openai", template=str(tmp_path / "score.txt"),
-                    critique_template=str(tmp_path / "critique.txt"))
     with ChatServer(release_grm, KEY) as server:
-        cfg.api = ApiConfig(base_url=server.base_url, model="grm", api_key_env=KEY_ENV)
+        cfg = GRMConfig(backend="openai", template=str(tmp_path / "score.txt"),
+                        critique_template=str(tmp_path / "critique.txt"),
+                        api=ApiConfig(base_url=server.base_url, model="grm", api_key_env=KEY_ENV))
         judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(cfg.api, "grm.api")), cfg)
         requests = [JudgeRequest(PERSONA, QUESTION, "Keep the lights bright."),
                     JudgeRequest(PERSONA, QUESTION, "Sleep.")]
@@ -186,3 +186,31 @@ def test_release_grm_on_an_endpoint_retries_by_sampling(tmp_path) -> None:
     assert [b["temperature"] for b in critique_bodies] == [0.9]
     assert critique_bodies[0]["messages"][0]["content"].startswith("CRITIQUE RUBRIC\n")
     assert critiqued[0].judgement.critique == "Too short."
+
+
+def test_a_grm_endpoint_that_cannot_answer_is_a_judge_error_not_a_zero() -> None:
+    """A server that fails every request: after grm.api.max_retries the judge raises, naming
+    the endpoint, instead of scoring empty text (0, unparsed) as before."""
+    from cpe_ray.judges.base import JudgeError
+
+    with ChatServer(lambda m: "unused", KEY, fail_first=None, fail_status=503) as server:
+        cfg = GRMConfig(backend="openai", api=ApiConfig(
+            base_url=server.base_url, model="grm", api_key_env=KEY_ENV, max_retries=1,
+            backoff_initial_s=0.01, backoff_max_s=0.02))
+        judge = EndpointGRMJudge(EndpointClient(EndpointSpec.from_config(cfg.api, "grm.api")), cfg)
+        with pytest.raises(JudgeError, match=r"could not score 2 of 2 answers after 2 attempt"):
+            judge.judge([JudgeRequest(PERSONA, QUESTION, "a"), JudgeRequest(PERSONA, QUESTION,
+                                                                             "b")], "score")
+        assert len(server.bodies) == 4  # 2 requests x (1 + 1 retry), no regenerations
+
+
+def test_an_endpoint_request_stops_retrying_at_max_wait_s() -> None:
+    with ChatServer(lambda m: "unused", KEY, fail_first=None, fail_status=503) as server:
+        spec = EndpointSpec(server.base_url, "m", KEY_ENV, 5.0, 1000, 1, 0.05, 0.05, 0.5)
+        start = time.monotonic()
+        reply = EndpointClient(spec).chat([{"role": "user", "content": "x"}], temperature=0,
+                                          max_tokens=4)
+        waited = time.monotonic() - start
+    assert reply.error is not None and "503" in reply.error
+    # 1000 retries allowed, but the 0.5 s budget ends them after ~10 (0.05-0.1 s apart)
+    assert 2 <= reply.attempts < 100 and waited < 30

@@ -244,8 +244,8 @@ def test_the_command_serves_until_sigterm(tmp_path: Path) -> None:
                             stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
     try:
         first = proc.stdout.readline()  # type: ignore[union-attr]
-        assert first.startswith("serving the offline rubric judge as model 'rubric-judge' at "
-                                "http://127.0.0.1:"), first + proc.stderr.read()  # type: ignore[union-attr]
+        assert first.startswith("serving rubric judge (offline GRM stand-in) as model "
+                                "'rubric-judge' at http://127.0.0.1:"), first + proc.stderr.read()  # type: ignore[union-attr]
         url = first.rsplit(" ", 1)[-1].strip()
         status, reply = _post(url + "/chat/completions", {
             "model": SERVED, "temperature": 0,
@@ -282,21 +282,21 @@ def test_stop_returns_promptly() -> None:
     stop.set()
     thread.join(timeout=30)
     assert not thread.is_alive()
-    assert lines[0].startswith("serving the offline rubric judge") and lines[-1] == (
+    assert lines[0].startswith("serving rubric judge (offline GRM stand-in)") and lines[-1] == (
         "stopped after 0 judgements")
 
 
 def test_a_served_grm_checkpoint_answers_as_it_does_in_process(monkeypatch) -> None:
     """grm.backend=hf: the tiny model as a GRM on an HF engine inside the server; greedy and
     without retries, the served text is exactly the in-process engine judge's."""
-    from cpe_ray.judges.serve import build_judge
+    from cpe_ray.judges.serve import judge_to_serve
 
     monkeypatch.setenv(KEY_ENV, KEY)
     gen = ["grm.backend=hf", "grm.model_path=tiny", "grm.max_retries=0",
            "grm.max_new_tokens=12"]
     cfg = _cfg(*gen)
-    judge, label = build_judge(cfg)
-    assert label == "the GRM tiny (hf engine)"
+    judge, label = judge_to_serve(cfg)
+    assert label == "GRM tiny (hf)"
     local = judge.judge(REQUESTS, "score", cfg.run.seed)
     with JudgeServer(cfg, judge, label) as server:
         client = _client_cfg(server, *gen[2:])

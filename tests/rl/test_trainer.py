@@ -54,7 +54,8 @@ def _trainer(cfg, rt, tmp_path):
 def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
     cfg, rt = runtime_for(*MIXED_T)
     trainer = _trainer(cfg, rt, tmp_path)
-    metrics = trainer.step(0, trainer.batch_for(0))
+    result = trainer.step(0)
+    metrics = result.metrics
     # 2 prompts x 2 answers = 4 rewrites; random at ratio 0.5 keeps floor(0.5 x 4) = 2
     assert metrics["post_edit/kept_fraction"] == 0.5
     assert -5 <= metrics["reward/original/weighted"] <= 5
@@ -65,10 +66,13 @@ def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
     assert metrics["policy/grad_norm"] > 0 and metrics["critic/grad_norm"] > 0
     # the demo prompts fit rollout.max_prompt_length: nothing was cut
     assert metrics["post_edit/truncated_prompts"] == 0 == metrics["rollout/prompts_cut_left"]
-    for phase in ("generate", "critique", "post_edit", "score", "score_rewrites", "train",
-                  "weight_sync"):
+    phases = ("generate", "critique", "post_edit", "score", "select", "learner_forward",
+              "train", "weight_sync")
+    for phase in phases:
         assert 0 <= metrics[f"time/{phase}"] <= metrics["time/step"]
-    samples = trainer._last_samples
+    # one after the other: the phases add up to the step (the originals' forward overlaps)
+    assert sum(metrics[f"time/{p}"] for p in phases) <= metrics["time/step"]
+    samples = result.records
     assert len(samples) == 4 and sum(s["kept"] for s in samples) == 2
     # random selection is drawn first: only the kept answers are critiqued and rewritten
     assert metrics["post_edit/rewritten_fraction"] == 0.5
@@ -78,30 +82,23 @@ def test_cpe_step_end_to_end(runtime_for, tmp_path) -> None:
 
 
 def test_forward_of_originals_then_rewrites_equals_one_forward(runtime_for, tmp_path) -> None:
-    """The step overlaps the originals' forward with post-edit: same numbers as one pass."""
-    from cpe_ray.runtime.pipeline import Pipeline
+    """A fresh step's forward of the originals runs while the engines rewrite, the kept
+    rewrites' after: the same numbers as one pass over the batch (a stale batch's)."""
+    from dataclasses import replace
 
     cfg, rt = runtime_for(*MIXED_T)
     trainer = _trainer(cfg, rt, tmp_path)
-    batch = trainer.batch_for(0)
-    s = trainer.sampler.collect(batch, 7, Pipeline(60), lambda *args: None)
-    kept = [s.rewrites[k] for k in s.kept]
-    assert kept
-    whole = trainer._experience(s.prompt_ids, s.answers, kept)
+    s = trainer.sample(0, forward_originals=True)
+    assert s.kept and set(s.originals_forward) == {"old_logprobs", "old_values"}
+    split = trainer.batch(s)
+    one = trainer.batch(replace(s, originals_forward={}))
     # answers at rollout.temperature, rewrites at post_edit.temperature
-    assert whole.temperature.tolist() == pytest.approx([1.0] * 4 + [0.7] * len(kept))
-
-    def forward(exp):
-        return {name: p.wait(60) for name, p in trainer._submit_forward(exp).items()}
-
-    originals = forward(trainer._experience(s.prompt_ids, s.answers, []))
-    parts = trainer._with_rewrites(whole, originals, s.prompt_ids, kept)
-    one = forward(whole)
-    assert parts.keys() == one.keys() == {"old_logprobs", "old_values"}
-    for name in one:
-        assert parts[name].shape == one[name].shape
-        torch.testing.assert_close(parts[name] * whole.response_mask,
-                                   one[name] * whole.response_mask, atol=1e-5, rtol=1e-5)
+    assert split.temperature.tolist() == pytest.approx([1.0] * 4 + [0.7] * len(s.kept))
+    mask = split.response_mask
+    for name in ("old_logprobs", "old_values"):
+        assert getattr(split, name).shape == getattr(one, name).shape
+        torch.testing.assert_close(getattr(split, name) * mask, getattr(one, name) * mask,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_each_row_is_scored_at_its_sampling_temperature(runtime_for) -> None:
@@ -140,8 +137,8 @@ def test_each_row_is_scored_at_its_sampling_temperature(runtime_for) -> None:
 def test_group_advantages_are_not_whitened_over_tokens() -> None:
     """GRPO / RLOO: with lengths [40, 2, 3, 4] and rewards [2, 0.6, 0, -0.4], whitening over
     tokens made the 0.6 answer (above its group's mean 0.55) -1.25 and the best +0.46."""
+    from cpe_ray.algo.advantages import compute_advantages
     from cpe_ray.algo.experience import Experience
-    from cpe_ray.rl.trainer import compute_advantages
 
     lengths, rewards = [40, 2, 3, 4], torch.tensor([2.0, 0.6, 0.0, -0.4])
     exp = Experience.from_tokens([[1]] * 4, [[5] * n for n in lengths], 0, temperature=1.0)
@@ -161,9 +158,9 @@ def test_group_advantages_are_not_whitened_over_tokens() -> None:
 
 
 def test_gae_advantages_are_whitened_over_tokens() -> None:
-    from cpe_ray.algo.algorithms import masked_mean, masked_var
+    from cpe_ray.algo.advantages import compute_advantages
     from cpe_ray.algo.experience import Experience
-    from cpe_ray.rl.trainer import compute_advantages
+    from cpe_ray.algo.tensors import masked_mean, masked_var
 
     exp = Experience.from_tokens([[1]] * 3, [[5] * n for n in (6, 2, 3)], 0, temperature=1.0)
     forward = {"old_logprobs": torch.zeros(3, 6), "old_values": torch.rand(3, 6)}
@@ -179,13 +176,13 @@ def test_ppo_step_without_post_edit(runtime_for, tmp_path) -> None:
     cfg, rt = runtime_for("post_edit.enabled=false", "ppo.advantage_estimator=grpo",
                           "learner.use_reference=true", "ppo.kl_coef=0.05")
     trainer = _trainer(cfg, rt, tmp_path)
-    metrics = trainer.step(0, trainer.batch_for(0))
+    metrics = trainer.step(0).metrics
     assert "post_edit/kept_fraction" not in metrics and "reward/rewrite/weighted" not in metrics
     assert metrics["policy/edit_token_frac"] == 0.0
     assert "critic/value_loss" not in metrics and "time/critique" not in metrics
     # before the first update the policy is the reference: their KL is 0
     assert abs(metrics["policy/ref_kl"]) < 1e-6
-    second = trainer.step(1, trainer.batch_for(1))
+    second = trainer.step(1).metrics
     assert abs(second["policy/ref_kl"]) > 1e-6  # the update moved it away
 
 
@@ -256,7 +253,7 @@ def test_bad_record_exits_with_file_and_line(tmp_path) -> None:
 def test_off_policy_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
     """trainer.off_policy_steps=1: batch t+1 is sampled while batch t trains; the checkpoint
     carries the batch in flight, so a resume trains exactly what the unbroken run did."""
-    from cpe_ray.rl.trainer import INFLIGHT_FILE
+    from cpe_ray.rl.schedule import INFLIGHT_FILE
     from cpe_ray.run import checkpoints, train
 
     base = [*SMALL, f"run.output_dir={tmp_path}", "trainer.off_policy_steps=1",
@@ -281,68 +278,15 @@ def test_off_policy_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
     assert "rollout/logprob_diff" in lines[0] and "rollout/logprob_diff" not in lines[1]
 
 
-def test_a_batch_in_flight_pickled_before_sampling_split_off_still_loads(monkeypatch,
-                                                                         tmp_path) -> None:
-    """inflight.pkl of an older checkpoint names cpe_ray.rl.trainer.{Samples,Answer,...}."""
-    import pickle
+def test_a_checkpoint_with_a_pickled_batch_in_flight_is_refused_in_one_line(tmp_path) -> None:
+    """Checkpoints before inflight.json pickled their batch in flight; this version cannot
+    train it exactly, so it says so instead of resuming on another batch."""
+    from cpe_ray.errors import CpeError
+    from cpe_ray.rl.schedule import OneStepAhead
 
-    from cpe_ray.engines.base import Completion
-    from cpe_ray.rl import sampling
-    from cpe_ray.rl.trainer import Trainer
-
-    answer = sampling.Answer(0, Completion(0, 0, [5, 6], [-0.5, -0.25], "hi", "stop"))
-    for cls in (sampling.Samples, sampling.Answer, sampling.PromptFits):
-        monkeypatch.setattr(cls, "__module__", "cpe_ray.rl.trainer")
-    old = pickle.dumps({3: sampling.Samples([[1, 2]], [answer], {}, {}, [], {"generate": 0.5},
-                                             sampling.PromptFits(cut_left=1))})
-    monkeypatch.undo()
-    assert b"cpe_ray.rl.trainer" in old and b"cpe_ray.rl.sampling" not in old
-    trainer = Trainer.__new__(Trainer)  # restore_files needs no runtime
-    (tmp_path / "inflight.pkl").write_bytes(old)
-    trainer.restore_files(tmp_path)
-    got = trainer.inflight[3]
-    assert isinstance(got, sampling.Samples) and got.prompt_fits.cut_left == 1
-    assert got.answers[0].completion.logprobs == [-0.5, -0.25]
-
-
-def test_stale_originals_loss_is_behaviour_weighted_rewrites_are_not() -> None:
-    """The one-step off-policy loss on hand-computed numbers, through the trainer's staleness
-    correction and the learner's loss: an original's token advantage times
-    w = min(pi_prox / pi_behav, cap) inside PPO's clip; a rewrite keeps its ratio against
-    log pi_e and no w."""
-    import math
-
-    from cpe_ray.algo import algorithms as alg
-    from cpe_ray.algo.experience import Experience
-    from cpe_ray.engines.base import Completion
-    from cpe_ray.rl.sampling import Answer
-    from cpe_ray.rl.trainer import Trainer
-
-    trainer = Trainer.__new__(Trainer)  # _correct_staleness reads only the config
-    trainer.cfg = load_config(None, ["trainer.off_policy_steps=1",
-                                     "trainer.behaviour_weight_cap=2.0"])
-    behaviour = [-1.0, -2.0, -3.0]  # the engine's log-probs when it sampled the answer
-    answer = Answer(0, Completion(0, 0, [5, 6, 7], behaviour, "abc", "stop"))
-    exp = Experience.from_tokens([[1, 2], [1, 2]], [[5, 6, 7], [8]], 0,
-                                 is_edited=[False, True], edit_logprobs=[[], [-1.0]])
-    proximal = torch.tensor([[-0.5, -2.5, -1.0], [-1.2, 0.0, 0.0]])  # the learner's, now
-    exp = exp.with_fields(old_logprobs=proximal,
-                          advantages=torch.tensor([[1.0, 1.0, -1.0], [2.0, 0.0, 0.0]]))
-    fixed, metrics = trainer._correct_staleness(exp, [answer], staleness=1)
-    w = [math.exp(0.5), math.exp(-0.5), 2.0]  # exp(2.0) = 7.39 is cut to the cap
-    torch.testing.assert_close(fixed.advantages, torch.tensor([[w[0], w[1], -w[2]],
-                                                               [2.0, 0.0, 0.0]]))
-    assert metrics["off_policy/staleness"] == 1.0
-    assert metrics["off_policy/weight_mean"] == pytest.approx(
-        (math.exp(0.5) + math.exp(-0.5) + math.exp(2.0)) / 3)
-    assert metrics["off_policy/weight_clipped_frac"] == pytest.approx(1 / 3)
-
-    logp = torch.tensor([[-0.2, -2.5, -1.5], [-0.9, 0.0, 0.0]])  # the policy being trained
-    loss, _ = alg.cpe_policy_loss(logp, fixed.old_logprobs, fixed.edit_logprobs,
-                                  fixed.advantages, fixed.response_mask, fixed.is_edited,
-                                  0.2, 0.2, 0.2, 0.2)
-    # original: r = exp(0.3) = 1.35 -> clipped 1.2; r = 1; r = exp(-0.5) = 0.61 with A < 0:
-    # min(0.61 * -2, 0.8 * -2) = -1.6. Rewrite: exp(-0.9) / (exp(-1.0) + 1e-6) = 1.105.
-    rewrite_ratio = math.exp(-0.9) / (math.exp(-1.0) + 1e-6)
-    terms = [1.2 * w[0], 1.0 * w[1], 0.8 * -w[2], rewrite_ratio * 2.0]
-    assert float(loss) == pytest.approx(-sum(terms) / 4, abs=1e-6)
+    (tmp_path / "inflight.pkl").write_bytes(b"\x80\x04N.")
+    schedule = OneStepAhead(trainer=None)  # restoring needs no trainer
+    with pytest.raises(CpeError, match="inflight.pkl, which this version no longer reads"):
+        schedule.restore(tmp_path)
+    schedule.restore(None)
+    assert schedule.ahead == {}

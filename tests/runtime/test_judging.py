@@ -127,3 +127,92 @@ def test_cpe_step_on_release_data_judged_in_the_release_format(tmp_path, monkeyp
                (tmp_path / "cpe-tiny" / "samples.jsonl").read_text().splitlines()]
     assert {s["prompt_id"] for s in samples} == {"test-0", "test-1"}
     assert all(s["persona"].startswith("{\n  \"Name\": ") for s in samples)
+
+
+def _train_cli(tmp_path, *overrides: str, timeout: float = 300):
+    """`cpe-ray train` in a subprocess: (exit code, stderr lines, seconds)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, **{KEY_ENV: KEY})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cpe_ray", "train", *SMALL,
+                           f"run.output_dir={tmp_path}", *overrides], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=timeout)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cpe-ray: error:")]
+    return proc.returncode, errors, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_dead_grm_endpoint_stops_the_run_before_anything_is_trained(tmp_path) -> None:
+    """The issue's case: nothing listens at 127.0.0.1:1 and every retry is off. Before, the
+    run trained on rewards of 0 (8/8 parse failures) and exited 0 with a checkpoint."""
+    code, errors, _ = _train_cli(
+        tmp_path, "grm.backend=openai", "grm.api.base_url=http://127.0.0.1:1/v1",
+        "grm.api.model=x", f"grm.api.api_key_env={KEY_ENV}", "grm.api.max_retries=0",
+        "grm.max_retries=0", "trainer.max_steps=2")
+    assert code == 2 and len(errors) == 1
+    assert "GRM endpoint x at http://127.0.0.1:1/v1 could not" in errors[0]
+    assert "at step 1/2" in errors[0] and "no checkpoint was written yet" in errors[0]
+    run_dir = tmp_path / "cpe-tiny"
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_grm_that_stops_answering_mid_run_ends_it_within_its_budget(tmp_path) -> None:
+    """The judge answers step 1's 8 requests, then fails every request: the run ends in one
+    line naming the endpoint after its bounded retries, keeping step 1's log."""
+    served = []
+
+    def after_step_1(messages):  # 503 from the 9th request on
+        served.append(1)
+        return 503 if len(served) > 8 else None
+
+    with ChatServer(grm_policy, KEY, fail_if=after_step_1) as server:
+        code, errors, seconds = _train_cli(
+            tmp_path, "grm.backend=openai", f"grm.api.base_url={server.base_url}",
+            "grm.api.model=grm", f"grm.api.api_key_env={KEY_ENV}", "grm.api.max_retries=2",
+            "grm.api.backoff_initial_s=0.05", "grm.api.backoff_max_s=0.1",
+            "trainer.max_steps=3")
+    assert code == 2 and len(errors) == 1, errors
+    assert "GRM endpoint grm at" in errors[0] and "at step 2/3" in errors[0]
+    steps = [json.loads(x)["step"]
+             for x in (tmp_path / "cpe-tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0]
+    assert seconds < 240
+
+
+@pytest.mark.slow
+def test_unparsed_judgements_warn_then_stop(tmp_path) -> None:
+    """A judge whose every score fails to parse stops the run before its step is trained on;
+    one that fails every other request (half of each step's 4 scores, over
+    grm.max_parse_failure_frac=0.25) warns at step 1 and stops at step 2 (patience 2)."""
+    common = ("grm.backend=openai", "grm.api.model=grm", f"grm.api.api_key_env={KEY_ENV}",
+              "grm.max_retries=0", "post_edit.enabled=false")
+    with ChatServer(lambda m: "I cannot score this.", KEY) as server:
+        code, errors, _ = _train_cli(tmp_path / "a", *common,
+                                     f"grm.api.base_url={server.base_url}",
+                                     "trainer.max_steps=2")
+    assert code == 2 and "scores of this step all failed to parse" in errors[0], errors
+    assert "at step 1/2" in errors[0] and "'I cannot score this.'" in errors[0]
+
+    served = []
+
+    def every_other(messages):
+        served.append(1)
+        return "no scores here" if len(served) % 2 else grm_policy(messages)
+
+    with ChatServer(every_other, KEY) as server:
+        code, errors, _ = _train_cli(tmp_path / "b", *common,
+                                     f"grm.api.base_url={server.base_url}",
+                                     "grm.max_parse_failure_frac=0.25",
+                                     "grm.parse_failure_patience=2", "trainer.max_steps=4")
+    assert code == 2 and len(errors) == 1, errors
+    assert "over grm.max_parse_failure_frac=0.25 of its judgements in steps 1-2" in errors[0]
+    assert "(at step 3/4;" in errors[0]  # where the run stopped
+    lines = (tmp_path / "b" / "cpe-tiny" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["grm/parse_failure_frac"] for x in lines] == [0.5, 0.5]

@@ -98,3 +98,29 @@ def test_a_failure_without_a_message_names_its_type() -> None:
     with pytest.raises(RemoteError, match=r"^load: learner rank 0 failed: EOFError$") as err:
         wait_all([eof.remote()], ["learner rank 0"], 30, "load")
     assert not err.value.died and err.value.actor == "learner rank 0"
+
+
+def test_an_actor_that_fails_in_init_brings_its_exception_line() -> None:
+    """Ray reports an actor whose `__init__` raised as dead on its next call; the cause was
+    only in the worker's log. The line ends with what `__init__` raised (short type name)."""
+    import ray
+
+    from cpe_ray.errors import TemplateError
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self, template: str, ours: bool) -> None:
+            message = f"prompt template {template!r} not found"
+            raise TemplateError(message) if ours else FileNotFoundError(message)
+
+        def node_id(self) -> str:
+            return "never"
+
+    for ours, kind in ((False, "FileNotFoundError"), (True, "TemplateError")):
+        engine = Engine.remote("/nonexistent/sys.txt", ours)
+        with pytest.raises(RemoteError) as err:
+            wait_all([engine.node_id.remote()], ["rollout engine 0"], 60, "engine start-up")
+        assert str(err.value) == (
+            "engine start-up: rollout engine 0 died during start-up: "
+            f"{kind}: prompt template '/nonexistent/sys.txt' not found")
+        assert err.value.died and err.value.actor == "rollout engine 0"

@@ -1,4 +1,4 @@
-"""RL math: every expected number below is worked out by hand in the comments."""
+"""Losses and the policy losses' table: expected numbers worked out by hand in the comments."""
 
 from __future__ import annotations
 
@@ -9,121 +9,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpe_ray.algo.algorithms import (
+from cpe_ray.algo.advantages import gae
+from cpe_ray.algo.losses import (
     EDIT_RATIO_EPS,
-    KL_CLAMP,
+    POLICY_LOSSES,
+    PolicyLossInput,
+    PolicyLossStats,
     aggregate_loss,
-    behaviour_weights,
     bradley_terry_loss,
-    cpe_policy_loss,
-    entropy_from_logits,
-    expand_to_tokens,
-    gae,
-    grpo_advantages,
-    kl_estimate,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-    ppo_policy_loss,
-    rloo_advantages,
+    policy_loss_name,
     sft_loss,
-    token_level_rewards,
     value_loss,
 )
-
-D = torch.float64
-
-
-def t(rows: list[list[float]]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=D)
+from cpe_ray.config import load_config
+from tests.algo.numbers import D, close, t
 
 
-def close(a: torch.Tensor, b, tol: float = 1e-9) -> None:
-    torch.testing.assert_close(a, torch.as_tensor(b, dtype=a.dtype), atol=tol, rtol=0)
+def ppo(*args, **kw) -> tuple[torch.Tensor, PolicyLossStats]:
+    return POLICY_LOSSES["ppo"](PolicyLossInput(*args, **kw))
 
 
-# ----------------------------------------------------------------------------- reductions
-def test_masked_mean_sum_and_empty_mask() -> None:
-    x = t([[1.0, 2.0, 99.0], [4.0, float("nan"), float("inf")]])
-    m = t([[1, 1, 0], [1, 0, 0]])
-    close(masked_sum(x, m), 1 + 2 + 4)
-    close(masked_mean(x, m), 7 / 3)
-    close(masked_mean(x, m, dim=1), [1.5, 4.0])
-    zero = masked_mean(x, torch.zeros_like(m))  # nothing masked: 0, not NaN
-    assert zero.item() == 0.0
-    close(masked_mean(x, t([[1, 1, 0], [0, 0, 0]]), dim=1), [1.5, 0.0])
-
-
-def test_masked_var_and_whiten() -> None:
-    x = t([[1.0, 2.0, 3.0, 100.0], [5.0, 7.0, -50.0, 1e9]])
-    m = t([[1, 1, 1, 0], [1, 1, 0, 0]])
-    # masked elements 1, 2, 3, 5, 7: mean 18/5 = 3.6;
-    # squared devs 6.76 + 2.56 + 0.36 + 1.96 + 11.56 = 23.2 -> unbiased 23.2/4 = 5.8
-    close(masked_var(x, m), 5.8)
-    close(masked_var(x, m, unbiased=False), 23.2 / 5)
-    w = masked_whiten(x, m)
-    close(w[0, 0], (1 - 3.6) / math.sqrt(5.8 + 1e-8))
-    close(masked_mean(w, m), 0.0)
-    close(masked_var(w, m), 1.0, tol=1e-6)
-    assert w[0, 3] == 0 and w[1, 2] == 0 and w[1, 3] == 0
-    kept = masked_whiten(x, m, shift_mean=False)
-    close(masked_mean(kept, m), 3.6)
-    assert kept[1, 3] == 0
-    # One element: no spread, whitening gives 0 rather than NaN.
-    assert masked_whiten(t([[3.0, 1.0]]), t([[1, 0]])).tolist() == [[0.0, 0.0]]
-
-
-# ----------------------------------------------------------------------------- GAE
-def test_gae_hand_values_with_padding_garbage() -> None:
-    gamma, lam = 0.9, 0.8  # gamma * lam = 0.72
-    rewards = t([[0.0, 0.0, 0.0, 1.0], [0.2, 1.0, 100.0, 100.0]])
-    values = t([[0.5, 0.5, 0.5, 0.5], [1.0, 2.0, 100.0, 100.0]])
-    mask = t([[1, 1, 1, 1], [1, 1, 0, 0]])
-    adv, ret = gae(rewards, values, mask, gamma, lam)
-    # Row 0 fills T, so V after the last token is 0:
-    #   delta3 = 1 + 0.9*0 - 0.5 = 0.5;  delta2 = delta1 = delta0 = 0 + 0.9*0.5 - 0.5 = -0.05
-    #   A3 = 0.5; A2 = -0.05 + 0.72*0.5 = 0.31; A1 = -0.05 + 0.72*0.31 = 0.1732
-    #   A0 = -0.05 + 0.72*0.1732 = 0.074704
-    # Row 1 (length 2): delta1 = 1.0 + 0 - 2.0 = -1.0; delta0 = 0.2 + 0.9*2.0 - 1.0 = 1.0
-    #   A1 = -1.0; A0 = 1.0 + 0.72*(-1.0) = 0.28
-    close(adv, [[0.074704, 0.1732, 0.31, 0.5], [0.28, -1.0, 0.0, 0.0]])
-    close(ret, [[0.574704, 0.6732, 0.81, 1.0], [1.28, 1.0, 0.0, 0.0]])
-    assert torch.equal((ret - (adv + values)) * mask, torch.zeros_like(ret))
-    assert adv[1, 2:].tolist() == [0.0, 0.0] and ret[1, 2:].tolist() == [0.0, 0.0]
-    # Other garbage (inf / NaN) on padded positions changes nothing.
-    rewards2, values2 = rewards.clone(), values.clone()
-    rewards2[1, 2:], values2[1, 2:] = float("nan"), float("inf")
-    adv2, ret2 = gae(rewards2, values2, mask, gamma, lam)
-    assert torch.equal(adv2, adv) and torch.equal(ret2, ret)
-
-
-def test_gae_gamma_lam_one_is_reward_to_go_minus_value() -> None:
-    rewards = t([[0.1, -0.2, 0.3, 1.0, 7.0], [2.0, 0.5, 9.0, 9.0, 9.0]])
-    values = t([[0.3, 0.1, -0.4, 0.2, 7.0], [1.0, 1.5, 9.0, 9.0, 9.0]])
-    mask = t([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
-    adv, ret = gae(rewards, values, mask, 1.0, 1.0)
-    # Row 0 reward-to-go: [1.2, 1.1, 1.3, 1.0]; row 1: [2.5, 0.5]
-    close(adv, [[1.2 - 0.3, 1.1 - 0.1, 1.3 + 0.4, 1.0 - 0.2, 0.0], [1.5, -1.0, 0, 0, 0]])
-    close(ret, [[1.2, 1.1, 1.3, 1.0, 0.0], [2.5, 0.5, 0, 0, 0]])
-
-
-def test_gae_skips_masked_holes() -> None:
-    # A hole (e.g. a tool-output span) is skipped: the next value and the running advantage
-    # carry across it.  A2 = 1 - 0.5 = 0.5;  delta0 = 0 + 0.9*0.5 - 0.5 = -0.05
-    # A0 = -0.05 + 0.72*0.5 = 0.31
-    adv, ret = gae(t([[0.0, 99.0, 1.0]]), t([[0.5, 99.0, 0.5]]), t([[1, 0, 1]]), 0.9, 0.8)
-    close(adv, [[0.31, 0.0, 0.5]])
-    close(ret, [[0.81, 0.0, 1.0]])
-
-
-def test_gae_rejects_bad_arguments() -> None:
-    m = t([[1, 1]])
-    with pytest.raises(ValueError, match="shape mismatch"):
-        gae(t([[1.0, 2.0, 3.0]]), t([[1.0, 2.0]]), m, 0.9, 0.9)
-    with pytest.raises(ValueError, match="gamma"):
-        gae(t([[1.0, 2.0]]), t([[1.0, 2.0]]), m, 1.5, 0.9)
+def cpe(**kw) -> tuple[torch.Tensor, PolicyLossStats]:
+    return POLICY_LOSSES["cpe"](PolicyLossInput(**kw))
 
 
 @settings(max_examples=40, deadline=None)
@@ -141,7 +48,7 @@ def test_padding_invariance(lengths: list[int], seed: int, extra: int, garbage: 
     adv, ret = gae(rew, val, mask, 0.95, 0.9)
     losses = [aggregate_loss(rew, mask, mode) for mode in ("token_mean", "seq_mean_token_mean",
                                                           "seq_mean_token_sum")]
-    pg, _ = ppo_policy_loss(lp, old, adv, mask)
+    pg, _ = ppo(lp, old, adv, mask)
 
     def pad(x: torch.Tensor) -> torch.Tensor:
         out = torch.cat([x, torch.full((b, extra), garbage, dtype=D)], dim=1)
@@ -155,61 +62,9 @@ def test_padding_invariance(lengths: list[int], seed: int, extra: int, garbage: 
     for mode, expected in zip(("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
                               losses, strict=True):
         close(aggregate_loss(pad(rew), mask_p, mode), expected, tol=1e-12)
-    pg_p, _ = ppo_policy_loss(pad(lp), pad(old), pad(adv), mask_p)
+    pg_p, _ = ppo(pad(lp), pad(old), pad(adv), mask_p)
     close(pg_p, pg, tol=1e-12)
 
-
-# ----------------------------------------------------------------------------- group advantages
-def test_grpo_and_rloo_hand_values() -> None:
-    scores = torch.tensor([1.0, 5.0, 2.0, 10.0, 3.0, 7.0], dtype=D)
-    ids = torch.tensor([7, 3, 7, 42, 7, 3])  # interleaved, non-contiguous; 42 is a singleton
-    # group 7: [1, 2, 3], mean 2, unbiased std sqrt((1 + 0 + 1)/2) = 1
-    # group 3: [5, 7], mean 6, unbiased std sqrt((1 + 1)/1) = sqrt(2)
-    e, s2 = 1e-6, math.sqrt(2)
-    close(grpo_advantages(scores, ids),
-          [-1 / (1 + e), -1 / (s2 + e), 0.0, 0.0, 1 / (1 + e), 1 / (s2 + e)])
-    close(grpo_advantages(scores, ids, std_normalize=False), [-1.0, -1.0, 0.0, 0.0, 1.0, 1.0])
-    # RLOO: 1 - (2+3)/2 = -1.5; 2 - (1+3)/2 = 0; 3 - (1+2)/2 = 1.5; 5 - 7 = -2; 7 - 5 = 2
-    close(rloo_advantages(scores, ids), [-1.5, -2.0, 0.0, 0.0, 1.5, 2.0])
-    with pytest.raises(ValueError, match="integer"):
-        grpo_advantages(scores, ids.to(D))
-    with pytest.raises(ValueError, match="same length"):
-        rloo_advantages(scores, ids[:3])
-
-
-def test_expand_and_token_level_rewards() -> None:
-    mask = t([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    scores = torch.tensor([2.0, -1.0, 5.0], dtype=D)
-    close(expand_to_tokens(scores, mask), [[2, 2, 2, 0], [-1, 0, 0, 0], [0, 0, 0, 0]])
-    close(token_level_rewards(scores, mask), [[0, 0, 2, 0], [-1, 0, 0, 0], [0, 0, 0, 0]])
-    kl = torch.full((3, 4), 0.5, dtype=D)
-    # 0.1 * 0.5 = 0.05 off every response token; last token 2 - 0.05 = 1.95
-    close(token_level_rewards(scores, mask, kl=kl, kl_coef=0.1),
-          [[-0.05, -0.05, 1.95, 0], [-1.05, 0, 0, 0], [0, 0, 0, 0]])
-
-
-# ----------------------------------------------------------------------------- KL
-def test_kl_estimators_hand_values() -> None:
-    lp = t([[0.0, 1.0, -1.0, 3.0]])
-    ref = torch.zeros_like(lp)  # log_ratio = [0, 1, -1, 3]
-    mask = t([[1, 1, 1, 0]])
-    close(kl_estimate(lp, ref, "k1", mask), [[0.0, 1.0, -1.0, 0.0]])
-    close(kl_estimate(lp, ref, "k2", mask), [[0.0, 0.5, 0.5, 0.0]])
-    # k3 = exp(-lr) - 1 + lr: e^-1 - 1 + 1 = e^-1; e^1 - 1 - 1 = e - 2
-    close(kl_estimate(lp, ref, "k3", mask), [[0.0, math.exp(-1), math.e - 2, 0.0]])
-    close(kl_estimate(lp, ref, "k3")[0, 3], math.exp(-3) + 2)
-    wide = torch.linspace(-8, 8, 101, dtype=D)[None]
-    assert (kl_estimate(wide, torch.zeros_like(wide), "k3") >= 0).all()
-    with pytest.raises(ValueError, match="k1"):
-        kl_estimate(lp, ref, "k4")
-
-
-def test_k3_is_clamped_at_ten_like_the_peers() -> None:
-    # log-ratio 13.9: unclamped k3 = e^-13.9 - 1 + 13.9 = 12.9; -13.9: e^13.9 - 14.9 ~ 1.1e6.
-    # verl's low_var_kl and OpenRLHF clamp at 10; a small log-ratio (2) is untouched.
-    assert KL_CLAMP == 10.0
-    lp = t([[13.9, -13.9, 2.0]])
-    close(kl_estimate(lp, torch.zeros_like(lp), "k3"), [[10.0, 10.0, math.exp(-2) + 1]])
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -235,7 +90,7 @@ def ppo_case() -> tuple[torch.Tensor, ...]:
 
 def test_ppo_clipped_surrogate_hand_values_and_grad() -> None:
     lp, old, adv, mask = ppo_case()
-    loss, stats = ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    loss, stats = ppo(lp, old, adv, mask, clip_low=0.2, clip_high=0.2)
     # token: max(-A r, -A clip(r, 0.8, 1.2))
     #   A=+1 r=1.1: max(-1.1, -1.1) = -1.1   A=+1 r=1.5: max(-1.5, -1.2) = -1.2 (clipped)
     #   A=-1 r=0.5: max(0.5, 0.8) = 0.8 (clipped)   A=-1 r=0.9: 0.9
@@ -250,10 +105,10 @@ def test_ppo_clipped_surrogate_hand_values_and_grad() -> None:
     # d(-A r)/d logp = -A r on unclipped tokens, 0 on clipped ones and padding; / 6 tokens
     close(lp.grad, [[-1.1 / 6, 0.0, 0.0, 0.9 / 6], [-0.5 / 6, 1.5 / 6, 0.0, 0.0]])
     # seq_mean_token_mean: row 0 (-1.1 - 1.2 + 0.8 + 0.9)/4 = -0.15; row 1 (-0.5 + 1.5)/2 = 0.5
-    loss_seq, _ = ppo_policy_loss(lp, old, adv, mask, agg="seq_mean_token_mean")
+    loss_seq, _ = ppo(lp, old, adv, mask, agg="seq_mean_token_mean")
     close(loss_seq, (-0.15 + 0.5) / 2)
     # asymmetric clip: clip_high 0.6 leaves r=1.5, A=+1 unclipped -> -1.5 instead of -1.2
-    loss_hi, st_hi = ppo_policy_loss(lp, old, adv, mask, clip_high=0.6)
+    loss_hi, st_hi = ppo(lp, old, adv, mask, clip_high=0.6)
     close(loss_hi, (0.4 - 0.3) / 6)
     close(st_hi.clip_frac, 1 / 6)
 
@@ -262,7 +117,7 @@ def test_ppo_dual_clip() -> None:
     lp = torch.tensor([[5.0, 2.0, 5.0]], dtype=D).log().requires_grad_()
     adv = t([[-1.0, -1.0, 1.0]])
     mask = t([[1, 1, 1]])
-    loss, stats = ppo_policy_loss(lp, torch.zeros_like(lp), adv, mask, dual_clip=3.0)
+    loss, stats = ppo(lp, torch.zeros_like(lp), adv, mask, dual_clip=3.0)
     # A=-1 r=5: max(5, 1.2) = 5 -> min(5, -A*3 = 3) = 3 (dual clipped)
     # A=-1 r=2: max(2, 1.2) = 2 -> min(2, 3) = 2;  A=+1 r=5: max(-5, -1.2) = -1.2 (clipped)
     close(loss, (3 + 2 - 1.2) / 3)
@@ -275,13 +130,13 @@ def test_ppo_dual_clip() -> None:
 def test_policy_loss_validation() -> None:
     lp, old, adv, mask = ppo_case()
     with pytest.raises(ValueError, match="clip_low"):
-        ppo_policy_loss(lp, old, adv, mask, clip_low=-0.1)
+        ppo(lp, old, adv, mask, clip_low=-0.1)
     with pytest.raises(ValueError, match="dual_clip"):
-        ppo_policy_loss(lp, old, adv, mask, dual_clip=1.0)
+        ppo(lp, old, adv, mask, dual_clip=1.0)
     with pytest.raises(ValueError, match="aggregation"):
-        ppo_policy_loss(lp, old, adv, mask, agg="sum")
+        ppo(lp, old, adv, mask, agg="sum")
     with pytest.raises(ValueError, match="shape mismatch"):
-        ppo_policy_loss(lp, old[:, :3], adv, mask)
+        ppo(lp, old[:, :3], adv, mask)
 
 
 # ----------------------------------------------------------------------------- CPE
@@ -301,7 +156,7 @@ def cpe_case() -> dict[str, torch.Tensor]:
 
 def test_cpe_edit_ratio_hand_values_and_mixing() -> None:
     c = cpe_case()
-    loss, stats = cpe_policy_loss(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=0.2,
+    loss, stats = cpe(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=0.2,
                                   edit_clip_high=0.2)
     # Rewrite row, ratio = exp(logp) / (exp(logp_e) + 1e-6), clip [0.8, 1.2], loss -A clip(r):
     #   tok0: 0.5 / (0.5 + 1e-6) = 0.999998000004 (inside) -> -2 * 0.999998000004
@@ -312,7 +167,7 @@ def test_cpe_edit_ratio_hand_values_and_mixing() -> None:
     edit_sum = -2 * r0 - 0.8 + 1.2
     # Originals (rows 0 and 2) are PPO on those rows: 4 tokens; total tokens 4 + 3 = 7.
     keep = [0, 2]
-    ppo_orig, _ = ppo_policy_loss(*(c[k][keep] for k in ("logprobs", "old_logprobs",
+    ppo_orig, _ = ppo(*(c[k][keep] for k in ("logprobs", "old_logprobs",
                                                           "advantages", "mask")))
     close(loss, (ppo_orig.item() * 4 + edit_sum) / 7)
     # ...and by hand: row 0 r = e^0.1, e^-0.3, 1 ; row 2 r = e^-0.1
@@ -336,10 +191,10 @@ def test_cpe_edit_ratio_unclipped_like_the_release() -> None:
     keeps its gradient (clipped to [0.8, 1.2], tok1 and tok2 of cpe_case got none)."""
     c = cpe_case()
     r0, r2 = 0.5 / (0.5 + EDIT_RATIO_EPS), math.exp(-0.2) / (0.25 + EDIT_RATIO_EPS)
-    loss, stats = cpe_policy_loss(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=None,
+    loss, stats = cpe(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=None,
                                   edit_clip_high=None)
     keep = [0, 2]
-    ppo_orig, _ = ppo_policy_loss(*(c[k][keep] for k in ("logprobs", "old_logprobs",
+    ppo_orig, _ = ppo(*(c[k][keep] for k in ("logprobs", "old_logprobs",
                                                           "advantages", "mask")))
     # rewrite row: -A r with r = r0, 0.5, r2 and A = 2, 1, -1
     close(loss, (ppo_orig.item() * 4 - 2 * r0 - 0.5 + r2) / 7)
@@ -348,7 +203,7 @@ def test_cpe_edit_ratio_unclipped_like_the_release() -> None:
     close(c["logprobs"].grad[1], [-2 * r0 / 7, -0.5 / 7, r2 / 7])
     # one side open: only the upper bound (1.2) binds, on tok2
     c = cpe_case()
-    _, stats = cpe_policy_loss(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=None,
+    _, stats = cpe(**c, clip_low=0.2, clip_high=0.2, edit_clip_low=None,
                                edit_clip_high=0.2)
     close(stats.edit_clip_frac, 1 / 3)
 
@@ -356,18 +211,18 @@ def test_cpe_edit_ratio_unclipped_like_the_release() -> None:
 def test_cpe_edit_loss_off_is_plain_ppo_and_all_original_is_ppo() -> None:
     c = cpe_case()
     args = dict(clip_low=0.2, clip_high=0.28, edit_clip_low=0.2, edit_clip_high=0.2)
-    ppo_all, ppo_stats = ppo_policy_loss(c["logprobs"], c["old_logprobs"], c["advantages"],
+    ppo_all, ppo_stats = ppo(c["logprobs"], c["old_logprobs"], c["advantages"],
                                          c["mask"], clip_low=0.2, clip_high=0.28)
-    off, off_stats = cpe_policy_loss(**{**c, "edit_logprobs": None}, **args, edit_loss=False)
+    off, off_stats = ppo(**{**c, "edit_logprobs": None}, **args)
     close(off, ppo_all)
     close(off_stats.clip_frac, ppo_stats.clip_frac)
-    none_edited, _ = cpe_policy_loss(**{**c, "is_edited": torch.zeros(3, dtype=torch.bool)},
+    none_edited, _ = cpe(**{**c, "is_edited": torch.zeros(3, dtype=torch.bool)},
                                      **args)
     close(none_edited, ppo_all)
     with pytest.raises(ValueError, match="edit_logprobs"):
-        cpe_policy_loss(**{**c, "edit_logprobs": None}, **args)
+        cpe(**{**c, "edit_logprobs": None}, **args)
     with pytest.raises(ValueError, match="edit_clip_low"):
-        cpe_policy_loss(**c, **{**args, "edit_clip_low": -1.0})
+        cpe(**c, **{**args, "edit_clip_low": -1.0})
 
 
 # ----------------------------------------------------------------------------- value loss
@@ -386,21 +241,6 @@ def test_value_loss_hand_values() -> None:
     close(unclipped, (0.125 + 0.605 + 1.125) / 3)
     assert frac0.item() == 0.0
 
-
-# ----------------------------------------------------------------------------- logits
-def test_entropy_and_logprobs_from_logits() -> None:
-    logits = torch.tensor([[[0.0, math.log(3.0)], [1000.0, 0.0]]], dtype=D)
-    # probs [1/4, 3/4]: H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623351446; [1000, 0] -> ~0
-    close(entropy_from_logits(logits), [[0.5623351446188083, 0.0]], tol=1e-9)
-    ids = torch.tensor([[1, 1]])
-    # ln(3/4); and ln softmax([1000, 0])[1] = -1000 - ln(1 + e^-1000) = -1000
-    close(logprobs_from_logits(logits, ids), [[math.log(0.75), -1000.0]])
-    uniform = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
-    close(entropy_from_logits(uniform), torch.full((2, 3), math.log(8)).float(), tol=1e-6)
-    close(logprobs_from_logits(uniform, torch.zeros(2, 3, dtype=torch.long)),
-          torch.full((2, 3), -math.log(8)).float(), tol=1e-6)
-    with pytest.raises(ValueError, match="token_ids"):
-        logprobs_from_logits(logits, ids[:, :1])
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
@@ -453,26 +293,28 @@ def test_bradley_terry_loss_hand_values_and_gradient() -> None:
 
 
 
-def test_behaviour_weights_truncate_and_scale_the_surrogate() -> None:
-    """One-step off-policy: w = min(pi_prox / pi_behav, cap), and w * A inside PPO's clipped
-    surrogate equals w times the surrogate (hand-computed)."""
-    import math
 
-    prox = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
-    behav = torch.tensor([[-1.0, -2.5, -2.0], [-0.8, 9.0, 9.0]])  # padding holds garbage
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    bw = behaviour_weights(prox, behav, mask, cap=2.0)
-    expected = [[1.0, math.exp(0.5), 2.0], [math.exp(-0.2), 0.0, 0.0]]  # exp(1.5)=4.48 -> 2
-    torch.testing.assert_close(bw.weights, torch.tensor(expected))
-    assert bw.mean == pytest.approx((1 + math.exp(0.5) + math.exp(1.5) + math.exp(-0.2)) / 4)
-    assert bw.clipped_frac == pytest.approx(0.25)
-    # scaling advantages by w scales the clipped surrogate by w, token by token
-    logp = torch.tensor([[-0.7, -1.9, -0.1], [-1.3, 0.0, 0.0]])
-    adv = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])
-    ratio = torch.exp(logp - prox)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
-    weighted = torch.minimum(ratio * adv * bw.weights,
-                             ratio.clamp(0.8, 1.2) * adv * bw.weights)
-    torch.testing.assert_close(weighted, surrogate * bw.weights)
-    with pytest.raises(ValueError, match="cap must be > 0"):
-        behaviour_weights(prox, behav, mask, cap=0.0)
+
+# ----------------------------------------------------------------------------- the table
+def test_policy_loss_table_refuses_a_second_entry_and_lists_known_names() -> None:
+    assert tuple(POLICY_LOSSES) == ("ppo", "cpe")
+    with pytest.raises(ValueError, match="policy loss 'cpe' is registered already"):
+        POLICY_LOSSES.register("cpe", POLICY_LOSSES["ppo"])
+    with pytest.raises(ValueError, match="unknown policy loss 'grpo'; use one of ppo, cpe"):
+        POLICY_LOSSES["grpo"]
+
+
+@pytest.mark.parametrize(("overrides", "name"), [
+    ([], "cpe"), (["ppo.edit_loss=false"], "ppo"), (["post_edit.enabled=false"], "ppo")])
+def test_the_config_picks_the_edit_loss_only_with_rewrites(overrides: list[str],
+                                                           name: str) -> None:
+    assert policy_loss_name(load_config(None, overrides)) == name
+
+
+def test_the_ppo_loss_reads_no_edit_logprobs_and_logs_every_stat() -> None:
+    c = cpe_case()
+    loss, stats = ppo(**{**c, "edit_logprobs": None})
+    assert torch.isfinite(loss)
+    assert list(stats.to_dict()) == ["clip_frac", "approx_kl", "dual_clip_frac",
+                                     "orig_clip_frac", "edit_clip_frac", "edit_ratio_mean",
+                                     "edit_token_frac"]
