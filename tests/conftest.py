@@ -41,30 +41,28 @@ def local_ray():
     ray.shutdown()
 
 
-_EXIT_STATUS: list[int] = []
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _EXIT_STATUS.append(int(exitstatus))
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Exit with pytest's status without the interpreter's finalisation. After every result
-    was reported, finalising the C extensions left loaded (vLLM's in-process engine core,
-    torch, DeepSpeed, Ray's core worker) once crashed a passing run with a segmentation fault
-    (CI exit 139, 592 passed); what the tests found is pytest's status, so that is the exit."""
-    if not _EXIT_STATUS:
-        return
+    """Destroy, while the interpreter is whole, the native state tests leave in this process.
+
+    A passing CI run once exited 139 after pytest's summary (592 passed; 1 run in 4), with no
+    trace. It was not reproduced on a loaded 2-core box under `python -X faulthandler`: 0
+    crashes in 20 exits after a local Ray (2.60.0), 8 after Ray + an in-process vLLM CPU
+    engine (0.32.0) + weight-sync and DeepSpeed (0.19.8) gloo groups, 40 after gloo groups
+    left half open (torch 2.13.0), and 6 pytest runs of the vLLM, weight-sync, HF engine and
+    Ray pipeline modules without the os._exit this replaces. So finalisation is kept, with
+    nothing native left for it: Ray's driver, if a test left it up (its atexit hook would run
+    later), and objects only the cycle collector frees (gloo groups and their threads,
+    engines, Ray handles), which finalisation would otherwise destroy while it tears modules
+    down. An in-process vLLM engine core freezes the heap while it lives (`freeze_gc_heap`,
+    vllm/v1/engine/core.py), hence the unfreeze. DeepSpeed only runs in Ray actors here.
+    What Python cannot stop are Ray's C++ threads (its GCS client's io thread, gRPC's), which
+    outlive ray.shutdown() until exit(): the first suspect if exit 139 comes back."""
+    import gc
     import sys
 
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except ImportError:
-        pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(_EXIT_STATUS[0])
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    gc.unfreeze()
+    gc.collect()

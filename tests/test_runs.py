@@ -15,19 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from cpe_ray import runs
 from cpe_ray.config import load_config
 from cpe_ray.errors import ConfigError, CpeError, RunIOError
-from cpe_ray.runs import (
-    MANIFEST,
-    POLICY_DIR,
+from cpe_ray.runs import ownership, ray_join
+from cpe_ray.runs.checkpoints import (
     checkpoints,
     find_resume,
-    open_run,
     verify_checkpoint,
-    wait_reachable,
     write_checkpoint,
 )
+from cpe_ray.runs.layout import MANIFEST, POLICY_DIR
+from cpe_ray.runs.ownership import open_run
+from cpe_ray.runs.ray_join import wait_reachable
 from cpe_ray.tracking import Tracker, cut_log
 
 STATE_FILE = "state/policy/mp_rank_00_model_states.pt"
@@ -158,8 +157,8 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path) -> None:
 
 
 class FakeClock:
-    """`time` for `cpe_ray.runs`: sleeping advances the clock and nothing else does, so a wait
-    is measured in the code's own seconds, not in how busy the machine is."""
+    """`time` for `cpe_ray.runs.ray_join`: sleeping advances the clock and nothing else does,
+    so a wait is measured in the code's own seconds, not in how busy the machine is."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -175,7 +174,7 @@ class FakeClock:
 
 def test_unreachable_cluster_address_is_one_line_within_the_timeout(monkeypatch) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(runs, "time", clock)
+    monkeypatch.setattr(ray_join, "time", clock)
     with pytest.raises(CpeError, match=r"cluster.address=127.0.0.1:1: no Ray cluster answered "
                                        r"within 2 s \(connection refused\)"):
         wait_reachable("127.0.0.1:1", 2.0)
@@ -293,8 +292,9 @@ def test_an_http_server_at_cluster_address_is_not_ray_in_one_line(http_server) -
     start = time.monotonic()
     with pytest.raises(CpeError, match=rf"cluster.address={http_server}: something listens "
                                        r"there but it is not Ray \(unavailable: .*HTTP/2"):
-        wait_reachable(http_server, 5.0)
-    assert time.monotonic() - start < 5  # no need to wait: no Ray comes up behind HTTP/1
+        wait_reachable(http_server, 60.0)
+    # refused at once, not at the 60 s deadline (30 s of slack for a starved machine)
+    assert time.monotonic() - start < 30
 
 
 def test_a_silent_listener_at_cluster_address_ends_within_the_timeout() -> None:
@@ -308,7 +308,8 @@ def test_a_silent_listener_at_cluster_address_ends_within_the_timeout() -> None:
         with pytest.raises(CpeError, match=rf"cluster.address={address}: the port is open but "
                                            r"no Ray answered within 2 s \(deadline_exceeded"):
             wait_reachable(address, 2.0)
-        assert time.monotonic() - start < 2 + 3  # one attempt at most past the deadline
+        # it ends: one 1 s attempt at most past the deadline, and slack for a starved machine
+        assert time.monotonic() - start < 2 + 20
 
 
 def test_ray_answers_at_its_gcs_address() -> None:
@@ -333,7 +334,7 @@ def test_an_ipv6_address_is_bracketed() -> None:
 HOLD = """
 import sys, time
 from cpe_ray.config import load_config
-from cpe_ray.runs import open_run
+from cpe_ray.runs.ownership import open_run
 open_run(load_config(None, sys.argv[1:]), None, "never", "trainer.resume")
 print("holding", flush=True)
 time.sleep(120)
@@ -365,7 +366,7 @@ def test_a_run_directory_is_owned_by_one_live_process(tmp_path) -> None:
         holder.kill()  # kill -9: the system drops its lock, nothing stale is left
         holder.wait()
     assert open_run(_cfg(tmp_path), None, "never", "trainer.resume") == (run_dir, None)
-    runs.release_run(run_dir)
+    ownership.release_run(run_dir)
 
 
 def test_two_processes_opening_one_run_directory_at_once_exactly_one_owns_it(tmp_path) -> None:
@@ -387,7 +388,7 @@ def _resumable(tmp_path: Path, *overrides: str) -> Path:
     run_dir = tmp_path / "cpe-tiny"
     open_run(_cfg(tmp_path, *overrides), None, "never", "trainer.resume")
     write_checkpoint(Writer(), run_dir, 2, POLICY_DIR, None)
-    runs.release_run(run_dir)
+    ownership.release_run(run_dir)
     return run_dir
 
 
@@ -398,7 +399,7 @@ def test_resume_with_a_config_that_changes_the_run_is_refused_naming_the_keys(
     changed = _cfg(tmp_path, "run.seed=2", "trainer.rollout_batch_size=4",
                    "trainer.max_steps=9", "trainer.resume=auto")
     with pytest.raises(ConfigError) as err:
-        open_run(changed, None, "auto", "trainer.resume", runs.TRAIN_RUN_KEYS)
+        open_run(changed, None, "auto", "trainer.resume", ownership.TRAIN_RUN_KEYS)
     assert str(err.value) == (
         f"trainer.resume=auto: this config differs from the run's in {run_dir} in what makes "
         "the run (run.seed 1 -> 2, trainer.rollout_batch_size 8 -> 4); resume with the run's "
@@ -407,16 +408,16 @@ def test_resume_with_a_config_that_changes_the_run_is_refused_naming_the_keys(
     assert (run_dir / "config.yaml").read_text() == first  # untouched
     # what does not make the run (more steps) resumes as before
     longer = _cfg(tmp_path, "run.seed=1", "trainer.max_steps=9", "trainer.resume=auto")
-    assert open_run(longer, None, "auto", "trainer.resume", runs.TRAIN_RUN_KEYS)[1] == (
+    assert open_run(longer, None, "auto", "trainer.resume", ownership.TRAIN_RUN_KEYS)[1] == (
         run_dir / "checkpoints" / "step-2")
-    runs.release_run(run_dir)
+    ownership.release_run(run_dir)
     assert (run_dir / "config.1.yaml").read_text() == first  # the history is kept
     second = (run_dir / "config.yaml").read_text()
     # the override goes on, saying what changed, and keeps the history
     forced = _cfg(tmp_path, "run.seed=2", "trainer.resume=auto", "trainer.resume_override=true")
     capsys.readouterr()
-    open_run(forced, None, "auto", "trainer.resume", runs.TRAIN_RUN_KEYS, True)
-    runs.release_run(run_dir)
+    open_run(forced, None, "auto", "trainer.resume", ownership.TRAIN_RUN_KEYS, True)
+    ownership.release_run(run_dir)
     assert "trainer.resume_override=true: going on with run.seed 1 -> 2" in capsys.readouterr().out
     assert (run_dir / "config.1.yaml").read_text() == first
     assert (run_dir / "config.2.yaml").read_text() == second
