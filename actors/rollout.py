@@ -3,10 +3,10 @@
 Prompts are built here from persona and question with the policy's chat template, so the
 driver ships strings and gets back the exact token ids it must train on. A rewrite's
 completion carries its log-probs under the *edit* prompt: that is log pi_e of method.md 3.3.
-An edit prompt over rollout.max_prompt_length loses the end of the answer and the critique,
-never the persona or the question (`fit_edit_prompt`); an answer prompt loses the middle of
-its question, never the system turn or the persona (`fit_policy_prompt`); each batch says how
-many were cut.
+An edit prompt over rollout.max_prompt_length loses the end of the answer and the critique
+and the middle of the question (`fit_edit_prompt`); an answer prompt loses the middle of its
+question (`fit_policy_prompt`); neither loses the system turn with the persona, and each batch
+says how many were cut.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class GenerationBatch:
 
     prompt_ids: list[list[int]]
     completions: list[Completion]
-    shortened: int = 0  # edit prompts whose answer / critique lost their end to fit
+    shortened: int = 0  # edit prompts whose answer / critique / question were cut to fit
     cut_left: int = 0  # prompts over the limit even so, cut from the start (persona lost)
     questions_shortened: int = 0  # answer prompts whose question lost its middle to fit
 
@@ -106,14 +106,13 @@ class PolicyRollout:
         for req in requests:
             system = render_system(self.system_template, req.persona)
 
-            def encode(answer: str, critique: str, req: EditRequest = req,
+            def encode(question: str, answer: str, critique: str, persona: str = req.persona,
                        system: str = system) -> list[int]:
-                messages = build_edit_messages(self.edit_template, req.question, answer,
-                                               critique, system_prompt=system,
-                                               persona=req.persona)
+                messages = build_edit_messages(self.edit_template, question, answer, critique,
+                                               system_prompt=system, persona=persona)
                 return apply_chat_template(self.tokenizer, messages)
 
-            fitted = fit_edit_prompt(encode, self.tokenizer, req.answer, req.critique,
+            fitted = fit_edit_prompt(encode, self.tokenizer, req,
                                      self.cfg.rollout.max_prompt_length)
             ids.append(fitted.token_ids)
             shortened += fitted.shortened

@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/learning.json")
     ap.add_argument("--epochs", type=int, default=3, help="passes over the 128 demo prompts")
     ap.add_argument("--window", type=int, default=8, help="steps averaged at each end")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every arm (repeatable), e.g. "
+                         "ppo.rollout_correction.preset=tis_mis")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,8 @@ def main() -> None:
             "ppo": [f"rollout.n_samples_per_prompt={PPO_SAMPLES}", "post_edit.enabled=false"],
             "cpe_off1": [*cpe_overrides, "trainer.off_policy_steps=1"]}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: run(name, Path(tmp), args.epochs, o) for name, o in arms.items()}
+        runs = {name: run(name, Path(tmp), args.epochs, [*o, *args.override])
+                for name, o in arms.items()}
     cpe = runs["cpe"]
     rewards = {name: [m["reward/original/weighted"] for m in ms] for name, ms in runs.items()}
     step_s = {name: statistics.median(m["time/step"] for m in ms[1:])
@@ -109,6 +113,7 @@ def main() -> None:
         "cost_ratio_cpe_over_ppo": step_s["cpe"] / step_s["ppo"],
         "targets": {"cost_ratio": TARGET_COST_RATIO, "gain_in_se": TARGET_GAIN_SE},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "overrides": args.override,
     }
     result["pass"] = {
         "cpe_learns": result["learning"]["cpe"]["gain_in_se"] >= TARGET_GAIN_SE,

@@ -7,7 +7,7 @@ so the policy always sees one prompt format.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,8 @@ from cpe_ray.prompts import PromptTemplate, load_template
 POLICY_SYSTEM_TEMPLATE = "policy_system_en.txt"
 # Stands where a question over rollout.max_prompt_length lost its middle.
 QUESTION_CUT_MARK = " [...] "
-# Re-tokenising cut text can move a token boundary, and the mark costs tokens: a shortened
-# prompt is re-measured and the cut deepened by the overshoot, at most this many times.
-FIT_ROUNDS = 4
+# What decoding a token cut inside a multi-byte character leaves at the cut.
+_REPLACEMENT = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,112 @@ def apply_chat_template(
 @dataclass(frozen=True)
 class FittedPrompt:
     token_ids: list[int]
-    shortened: bool  # the question lost its middle; the system turn and persona are whole
+    shortened: bool  # part of its texts was cut; the system turn and persona are whole
     cut_left: bool  # too long even so: the prompt's start was cut (the persona with it)
+
+
+@dataclass(frozen=True)
+class Cuttable:
+    """A text a prompt may shorten to fit its limit. A `middle` text (a question) keeps its
+    start and its end; the others (an answer, a critique) keep their start. `mark` stands
+    where text went, so the policy sees that it was cut."""
+
+    text: str
+    mark: str
+    middle: bool = False
+
+
+def _head(tokenizer: Any, ids: list[int], keep: int) -> str:
+    """The first `keep` tokens' text, fewer where the cut falls inside a character."""
+    while keep > 0:
+        text = tokenizer.decode(ids[:keep])
+        if not text.endswith(_REPLACEMENT):
+            return text
+        keep -= 1
+    return ""
+
+
+def _tail(tokenizer: Any, ids: list[int], keep: int) -> str:
+    """The last `keep` tokens' text, fewer where the cut falls inside a character."""
+    while keep > 0:
+        text = tokenizer.decode(ids[len(ids) - keep:])
+        if not text.startswith(_REPLACEMENT):
+            return text
+        keep -= 1
+    return ""
+
+
+def _cut(tokenizer: Any, part: Cuttable, ids: list[int], keep: int) -> str:
+    if keep >= len(ids):
+        return part.text
+    if not part.middle:
+        return _head(tokenizer, ids, keep) + part.mark
+    head, tail = _head(tokenizer, ids, (keep + 1) // 2), _tail(tokenizer, ids, keep // 2)
+    return (head + part.mark + tail).strip()
+
+
+def _water_level(lengths: list[int], budget: int) -> int:
+    """The largest level L with sum(min(n, L)) <= budget: the longest texts are cut first,
+    down to the next one's length, then together."""
+    level, rest, ordered = 0, max(budget, 0), sorted(lengths)
+    for i, n in enumerate(ordered):
+        longer = len(ordered) - i
+        if (n - level) * longer > rest:
+            return level + rest // longer
+        rest -= (n - level) * longer
+        level = n
+    return level
+
+
+def _largest_fitting(fits: Callable[[int], bool], guess: int, top: int) -> int | None:
+    """The largest level below `top` (which does not fit) that fits; None if not even 0.
+
+    Steps from `guess` by doubling strides, then bisects: it ends after O(log top) trials
+    whatever re-tokenising does to the lengths, so a one-token overshoot costs a token, not
+    the prompt's start."""
+    lo, hi = -1, top  # fits(lo) (-1: none known yet), not fits(hi)
+    guess, step = min(max(guess, 0), top - 1), 1
+    if fits(guess):
+        lo = guess
+        while lo + step < hi and fits(lo + step):
+            lo, step = lo + step, 2 * step
+        hi = min(hi, lo + step)
+    else:
+        hi = guess
+        while hi - step >= 0 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, -1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo if lo >= 0 else None
+
+
+def fit_prompt(tokenizer: Any, encode: Callable[[list[str]], list[int]],
+               parts: Sequence[Cuttable], limit: int) -> FittedPrompt:
+    """`encode(texts)` within `limit` tokens, its `parts` shortened where it is over.
+
+    Every part keeps at most L of its tokens, L the largest level that fits (the longest part
+    is cut first), cut on character boundaries and marked. Only a prompt too long with every
+    part cut away has its start cut, as a last resort (the whole prompt's end is kept)."""
+    ids = encode([p.text for p in parts])
+    if len(ids) <= limit:
+        return FittedPrompt(ids, shortened=False, cut_left=False)
+    tokens = [tokenizer.encode(p.text, add_special_tokens=False) for p in parts]
+    lengths = [len(t) for t in tokens]
+    renders: dict[int, list[int]] = {}
+
+    def fits(level: int) -> bool:
+        if level not in renders:
+            renders[level] = encode([_cut(tokenizer, p, t, min(len(t), level))
+                                     for p, t in zip(parts, tokens, strict=True)])
+        return len(renders[level]) <= limit
+
+    guess, top = _water_level(lengths, sum(lengths) - (len(ids) - limit)), max(lengths, default=0)
+    level = _largest_fitting(fits, guess, top) if top else None
+    if level is None:
+        return FittedPrompt(ids[-limit:], shortened=False, cut_left=True)
+    return FittedPrompt(renders[level], shortened=True, cut_left=False)
 
 
 def fit_policy_prompt(tokenizer: Any, persona: str | Mapping[str, Any], question: str,
@@ -130,26 +233,11 @@ def fit_policy_prompt(tokenizer: Any, persona: str | Mapping[str, Any], question
                       ) -> FittedPrompt:
     """The policy's prompt within `limit` tokens. Over it, the question keeps its start and its
     end (where a request usually sits) and loses its middle, marked by QUESTION_CUT_MARK: the
-    system turn and the persona stay whole. Only a prompt too long without its question has
-    its start cut, as a last resort."""
+    system turn and the persona stay whole (`fit_prompt`)."""
 
-    def encode(text: str) -> list[int]:
+    def encode(texts: list[str]) -> list[int]:
         return apply_chat_template(tokenizer,
-                                   build_policy_messages(persona, text, system_template))
+                                   build_policy_messages(persona, texts[0], system_template))
 
-    ids = encode(question)
-    if len(ids) <= limit:
-        return FittedPrompt(ids, shortened=False, cut_left=False)
-    q_ids = tokenizer.encode(question, add_special_tokens=False)
-    budget = len(q_ids) - (len(ids) - limit)
-    for _ in range(FIT_ROUNDS):
-        if budget <= 0:
-            break
-        head, tail = q_ids[: (budget + 1) // 2], q_ids[len(q_ids) - budget // 2:]
-        text = (tokenizer.decode(head) + QUESTION_CUT_MARK
-                + (tokenizer.decode(tail) if budget // 2 else "")).strip()
-        fitted = encode(text)
-        if len(fitted) <= limit:
-            return FittedPrompt(fitted, shortened=True, cut_left=False)
-        budget -= len(fitted) - limit
-    return FittedPrompt(ids[-limit:], shortened=False, cut_left=True)
+    return fit_prompt(tokenizer, encode, [Cuttable(question, QUESTION_CUT_MARK, middle=True)],
+                      limit)

@@ -97,7 +97,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cpe_ray.config import load_config
-    from cpe_ray.runs import check_cluster
+    from cpe_ray.runs.ray_join import check_cluster
 
     cfg = load_config(args.config, args.overrides)
     check_cluster(cfg)  # before training's imports (seconds): a wrong address says so at once

@@ -31,21 +31,16 @@ from cpe_ray.errors import (
 from cpe_ray.judges.base import JudgeError
 from cpe_ray.models import resolve_model_path
 from cpe_ray.paths import resolve_path
-from cpe_ray.runs import (
-    POLICY_DIR,
-    TRAIN_RUN_KEYS,
+from cpe_ray.runs.checkpoints import (
     SavePolicy,
-    check_cluster,
     checkpoints,
-    init_ray,
-    note,
-    open_run,
-    progress_bar,
     read_trainer_state,
-    release_run,
     restore,
     write_checkpoint,
 )
+from cpe_ray.runs.layout import POLICY_DIR, note
+from cpe_ray.runs.ownership import TRAIN_RUN_KEYS, open_run, release_run
+from cpe_ray.runs.ray_join import check_cluster, init_ray, progress_bar
 from cpe_ray.runtime.judging import JudgeClient
 from cpe_ray.runtime.start import check_startup
 

@@ -111,3 +111,21 @@ def test_a_long_question_loses_its_middle_never_the_persona(tokenizer) -> None:
     # a limit the system turn alone exceeds: the last resort keeps the prompt's end
     tiny = fit_policy_prompt(tokenizer, AMARA, question, 16)
     assert tiny.cut_left and tiny.token_ids == whole[-16:]
+
+
+def test_a_shortened_question_always_fits_and_never_splits_a_character(tokenizer) -> None:
+    """English and Chinese run together put token boundaries inside characters: the old
+    fitting loop left U+FFFD at the cut (20 of these 30 limits) and twice gave up and cut the
+    start, though a shorter question fitted."""
+    import random
+
+    from cpe_ray.chat import fit_policy_prompt
+
+    rng = random.Random(7)
+    words = ("the", "trail", "lake", "picnic", "徒步", "湖边", "野餐", "日出", "山里", "周末")
+    question = "".join(rng.choice(words) for _ in range(2000))
+    for limit in range(206, 386, 6):  # the system turn and the mark alone take 201
+        fitted = fit_policy_prompt(tokenizer, AMARA, question, limit)
+        text = tokenizer.decode(fitted.token_ids)
+        assert fitted.shortened and not fitted.cut_left and len(fitted.token_ids) <= limit
+        assert "\ufffd" not in text and AMARA_TEXT in text, limit

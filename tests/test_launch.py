@@ -306,7 +306,7 @@ def test_dockerignore_keeps_the_context_small():
 
 def test_train_joins_the_jobs_cluster_only_as_a_job_driver():
     from cpe_ray.config import load_config
-    from cpe_ray.runs import JOB_DRIVER_ENV, ray_address
+    from cpe_ray.runs.ray_join import JOB_DRIVER_ENV, ray_address
 
     job = {JOB_DRIVER_ENV: "{}", "RAY_ADDRESS": "127.0.0.1:6379"}
     assert ray_address(load_config(None, []), job) == "auto"

@@ -136,7 +136,7 @@ def test_a_non_ray_cluster_address_is_one_line(tmp_path) -> None:
 
 def test_a_train_into_a_directory_another_process_owns_is_refused(tmp_path) -> None:
     hold = ("import sys, time\nfrom cpe_ray.config import load_config\n"
-            "from cpe_ray.runs import open_run\n"
+            "from cpe_ray.runs.ownership import open_run\n"
             "open_run(load_config(None, sys.argv[1:]), None, 'never', 'trainer.resume')\n"
             "print('holding', flush=True)\ntime.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, f"run.output_dir={tmp_path}"],

@@ -2,7 +2,9 @@
 
 `ADVANTAGE_ESTIMATORS` is the table `ppo.advantage_estimator` names; each entry says what it
 needs (a critic's values, several samples of a prompt) and computes (advantages, returns)
-from one `AdvantageInput`. `compute_advantages` fills a batch's targets through it.
+from one `AdvantageInput`. `compute_advantages` fills a batch's targets through it. With
+`ppo.reward_aggregation=per_dimension` a group estimator takes each GRM dimension against its
+group on its own, then weights them (GDPO, `per_dimension_advantages`).
 
 Adding an estimator: its name in `cpe_ray.config.choices.ADVANTAGE_ESTIMATOR_NAMES` (and in
 `GROUP_ESTIMATOR_NAMES` if it compares the samples of a prompt), one `register` call below,
@@ -85,13 +87,19 @@ def _group_stats(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Ten
 def grpo_advantages(
     scores: Tensor, group_ids: Tensor, eps: float = GROUP_STD_EPS, std_normalize: bool = True
 ) -> Tensor:
-    """(r - group mean) / (unbiased group std + eps); a group of size 1 gets 0."""
+    """(r - group mean) / (unbiased group std + eps).
+
+    A group of one takes mean 0 and std 1, as verl's `compute_grpo_outcome_advantage` does, so
+    it keeps its score: r / (1 + eps), or r without `std_normalize`.
+    """
     check_clip("eps", eps)
     dev, n, sq = _group_stats(scores, group_ids)
+    single = n == 1
+    dev = torch.where(single, at_least_f32(scores), dev)
     if std_normalize:
         std = torch.sqrt(sq / torch.clamp(n - 1, min=1))
-        dev = dev / (std + eps)
-    return torch.where(n > 1, dev, torch.zeros_like(dev))
+        dev = dev / (torch.where(single, torch.ones_like(std), std) + eps)
+    return dev
 
 
 def rloo_advantages(scores: Tensor, group_ids: Tensor) -> Tensor:
@@ -100,6 +108,56 @@ def rloo_advantages(scores: Tensor, group_ids: Tensor) -> Tensor:
     # r_i - (S - r_i)/(n - 1) == n/(n - 1) * (r_i - S/n)
     loo = dev * n / torch.clamp(n - 1, min=1)
     return torch.where(n > 1, loo, torch.zeros_like(loo))
+
+
+def batch_normalize(values: Tensor, eps: float = GROUP_STD_EPS) -> Tensor:
+    """(v - mean) / (unbiased std + eps) over the rows of a [B] tensor; a single row gives 0."""
+    if values.dim() != 1:
+        raise ValueError(f"values {tuple(values.shape)} must be 1-D [B]")
+    check_clip("eps", eps)
+    dev = values - values.mean()
+    std = torch.sqrt((dev**2).sum() / max(values.shape[0] - 1, 1))
+    return dev / (std + eps)
+
+
+@dataclass(frozen=True)
+class DimensionScores:
+    """Each row's GRM score by dimension, for `ppo.reward_aggregation=per_dimension`."""
+
+    scores: Tensor  # [B, D], a missing score already counted as grm.on_missing says
+    names: tuple[str, ...]  # the D columns' dimensions
+    weights: Tensor  # [D] their grm.weights
+
+    def __post_init__(self) -> None:
+        d = len(self.names)
+        if self.scores.dim() != 2 or self.scores.shape[1] != d or self.weights.shape != (d,):
+            raise ValueError(f"scores {tuple(self.scores.shape)} must be [B, {d}] and weights "
+                             f"{tuple(self.weights.shape)} [{d}] for the dimensions {self.names}")
+
+
+def dimension_advantages(dims: DimensionScores, group_ids: Tensor,
+                         relative: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """[B, D]: each dimension's scores through the group estimator `relative` on their own."""
+    return torch.stack([relative(dims.scores[:, d], group_ids) for d in range(len(dims.names))],
+                       dim=1)
+
+
+def per_dimension_advantages(dims: DimensionScores, group_ids: Tensor,
+                             relative: Callable[[Tensor, Tensor], Tensor] = grpo_advantages
+                             ) -> Tensor:
+    """GDPO: each dimension against its group, their weighted sum, then normalised over the
+    batch's rows -> [B].
+
+    A weighted sum first gives (2, 0) and (0, 2) in a group with (0, 0) the same advantage,
+    and lets the dimension that varies most drive the sign; normalising each one first keeps
+    each dimension's own ranking. The last normalisation is GDPO's (TRL's
+    `normalize_then_sum`; verl's whitens over tokens instead, which would weight each answer by
+    its length, see `compute_advantages`). RLOO is linear in the scores, so with it only this
+    last normalisation differs from the weighted sum.
+    """
+    per_dim = dimension_advantages(dims, group_ids, relative)
+    combined = (per_dim * dims.weights.to(per_dim.dtype)).sum(dim=1)
+    return batch_normalize(combined)
 
 
 def expand_to_tokens(seq_values: Tensor, mask: Tensor) -> Tensor:
@@ -182,6 +240,8 @@ class AdvantageInput:
     gamma: float = 1.0  # GAE's discount
     lam: float = 1.0  # GAE's lambda
     whiten: bool = False  # GAE: whiten advantages over the batch's tokens
+    # group estimators: per-dimension scores to normalise one by one (GDPO) instead of `scores`
+    dimensions: DimensionScores | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +250,12 @@ class AdvantageEstimator:
 
     compute: Callable[[AdvantageInput], tuple[Tensor, Tensor]]
     needs_critic: bool = False  # the learner trains a critic; `values` must be given
-    compares_group: bool = False  # relative to a prompt's other samples (n >= 2 of them)
+    # relative to a prompt's other samples (n >= 2 of them): [B] scores -> [B] advantages
+    relative: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    @property
+    def compares_group(self) -> bool:
+        return self.relative is not None
 
 
 def _gae(inp: AdvantageInput) -> tuple[Tensor, Tensor]:
@@ -198,6 +263,8 @@ def _gae(inp: AdvantageInput) -> tuple[Tensor, Tensor]:
     values; whitened over the batch's tokens if asked (after the returns are taken)."""
     if inp.values is None:
         raise ValueError("gae needs the critic's values; pass AdvantageInput.values")
+    if inp.dimensions is not None:
+        raise ValueError("gae learns one return: per-dimension scores need a group estimator")
     rewards = token_level_rewards(inp.scores, inp.mask, inp.kl, inp.kl_coef)
     adv, returns = gae(rewards, inp.values, inp.mask, inp.gamma, inp.lam)
     if inp.whiten:
@@ -212,7 +279,9 @@ def _group(relative: Callable[[Tensor, Tensor], Tensor]) -> Callable[[AdvantageI
     long answer would shift every other answer's sign (verl, OpenRLHF, TRL agree)."""
 
     def compute(inp: AdvantageInput) -> tuple[Tensor, Tensor]:
-        adv = expand_to_tokens(relative(inp.scores, inp.group_ids), inp.mask)
+        seq = (relative(inp.scores, inp.group_ids) if inp.dimensions is None
+               else per_dimension_advantages(inp.dimensions, inp.group_ids, relative))
+        adv = expand_to_tokens(seq, inp.mask)
         if inp.kl is not None and inp.kl_coef > 0:
             adv = adv - inp.kl_coef * inp.kl * inp.mask
         return adv, adv
@@ -223,20 +292,27 @@ def _group(relative: Callable[[Tensor, Tensor], Tensor]) -> Callable[[AdvantageI
 ADVANTAGE_ESTIMATORS: Table[AdvantageEstimator] = Table("advantage estimator")
 ADVANTAGE_ESTIMATORS.register("gae", AdvantageEstimator(_gae, needs_critic=True))
 ADVANTAGE_ESTIMATORS.register("grpo", AdvantageEstimator(_group(grpo_advantages),
-                                                         compares_group=True))
+                                                         relative=grpo_advantages))
 ADVANTAGE_ESTIMATORS.register("rloo", AdvantageEstimator(_group(rloo_advantages),
-                                                         compares_group=True))
+                                                         relative=rloo_advantages))
 
 
 def compute_advantages(ppo: PPOConfig, exp: Experience, forward: dict[str, Tensor],
-                       scores: Tensor, groups: Tensor) -> Experience:
+                       scores: Tensor, groups: Tensor,
+                       dimensions: DimensionScores | None = None) -> Experience:
     """3.7's targets: advantages and returns from the learner's forward and the rewards.
+
+    `dimensions`, given exactly when `ppo.reward_aggregation=per_dimension`, replace `scores`
+    in the group estimators (`per_dimension_advantages`).
 
     `ppo.whiten_advantages` whitens GAE's advantages over the batch's tokens. GRPO / RLOO
     advantages are left as their group made them: whitening them over tokens weights each
     answer by its length, so with lengths [40, 2, 3, 4] and rewards [2, 0.6, 0, -0.4] the
     0.6 answer (above its group's mean) would get -1.25 instead of +0.05.
     """
+    if (dimensions is not None) != (ppo.reward_aggregation == "per_dimension"):
+        raise ValueError(f"ppo.reward_aggregation={ppo.reward_aggregation} takes per-dimension "
+                         "scores exactly when it is per_dimension")
     mask = exp.response_mask
     fields = dict(forward)
     kl = None
@@ -246,6 +322,22 @@ def compute_advantages(ppo: PPOConfig, exp: Experience, forward: dict[str, Tenso
     adv, fields["returns"] = estimator.compute(AdvantageInput(
         scores, groups, mask, values=fields.get("old_values"), kl=kl,
         kl_coef=ppo.kl_coef if ppo.kl_in_reward else 0.0, gamma=ppo.gamma, lam=ppo.lam,
-        whiten=ppo.whiten_advantages))
+        whiten=ppo.whiten_advantages, dimensions=dimensions))
     fields["advantages"] = adv * mask
     return exp.with_fields(**fields)
+
+
+def dimension_metrics(ppo: PPOConfig, dims: DimensionScores | None, groups: Tensor
+                      ) -> dict[str, float]:
+    """advantages/<dim>_mean and _std over the rows: each dimension's advantage against its
+    group, before the weighting ({} without per-dimension scores)."""
+    relative = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator].relative
+    if dims is None or relative is None:
+        return {}
+    per_dim = dimension_advantages(dims, groups, relative)
+    out: dict[str, float] = {}
+    for d, name in enumerate(dims.names):
+        column = per_dim[:, d]
+        out[f"advantages/{name}_mean"] = float(column.mean())
+        out[f"advantages/{name}_std"] = float(column.std()) if len(column) > 1 else 0.0
+    return out

@@ -25,11 +25,13 @@ ROW_FIELDS = (
     "is_edited",
     "temperature",
     "edit_logprobs",
+    "behaviour_logprobs",
     "old_logprobs",
     "ref_logprobs",
     "old_values",
     "advantages",
     "returns",
+    "correction_weights",
 )
 
 
@@ -44,11 +46,16 @@ class Experience:
     # learner refuses to score the rows rather than guess
     temperature: Tensor | None = None
     edit_logprobs: Tensor | None = None  # [B, R]; log pi_e on rewrite rows, 0 elsewhere
+    # [B, R]; the engine's log-probs of the originals as sampled (rollout correction's
+    # pi_engine), 0 on rewrite rows, whose behaviour log-probs are edit_logprobs
+    behaviour_logprobs: Tensor | None = None
     old_logprobs: Tensor | None = None  # [B, R]
     ref_logprobs: Tensor | None = None  # [B, R]
     old_values: Tensor | None = None  # [B, R]
     advantages: Tensor | None = None  # [B, R]
     returns: Tensor | None = None  # [B, R]
+    # [B, R]; the learner's rollout-correction factors on the token losses (algo/correction.py)
+    correction_weights: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.sequences.shape[0])
@@ -76,8 +83,10 @@ class Experience:
         is_edited: Sequence[bool] | None = None,
         edit_logprobs: Sequence[Sequence[float]] | None = None,
         temperature: float | Sequence[float] | None = None,
+        behaviour_logprobs: Sequence[Sequence[float]] | None = None,
     ) -> Experience:
-        """Rows from token ids; `temperature` is one for all rows or one per row."""
+        """Rows from token ids; `temperature` is one for all rows or one per row.
+        `edit_logprobs` / `behaviour_logprobs`: per row, empty for 0s (other rows')."""
         if len(prompts) != len(responses) or not prompts:
             raise ValueError("need as many prompts as responses, at least one")
         width_p = max(len(p) for p in prompts)
@@ -87,6 +96,7 @@ class Experience:
         attn = torch.zeros_like(seq)
         resp_mask = torch.zeros((batch, width_r), dtype=torch.float32)
         edit_lp = torch.zeros((batch, width_r), dtype=torch.float32)
+        behav_lp = torch.zeros((batch, width_r), dtype=torch.float32)
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             seq[i, width_p - len(p) : width_p] = torch.tensor(list(p), dtype=torch.long)
             seq[i, width_p : width_p + len(r)] = torch.tensor(list(r), dtype=torch.long)
@@ -94,6 +104,9 @@ class Experience:
             resp_mask[i, : len(r)] = 1
             if edit_logprobs is not None and edit_logprobs[i]:
                 edit_lp[i, : len(r)] = torch.tensor(list(edit_logprobs[i]), dtype=torch.float32)
+            if behaviour_logprobs is not None and behaviour_logprobs[i]:
+                behav_lp[i, : len(r)] = torch.tensor(list(behaviour_logprobs[i]),
+                                                     dtype=torch.float32)
         flags = torch.tensor(list(is_edited) if is_edited is not None else [False] * batch)
         temps = None
         if temperature is not None:
@@ -103,7 +116,8 @@ class Experience:
                 raise ValueError(f"{len(per_row)} temperatures for {batch} rows")
             # float64: the learner divides by exactly the config's value (0.9, not 0.8999999762)
             temps = torch.tensor(per_row, dtype=torch.float64)
-        return cls(seq, attn, resp_mask, width_p, flags.bool(), temps, edit_lp)
+        return cls(seq, attn, resp_mask, width_p, flags.bool(), temps, edit_lp,
+                   behav_lp if behaviour_logprobs is not None else None)
 
     def select(self, index: Tensor | Sequence[int]) -> Experience:
         idx = torch.as_tensor(index, dtype=torch.long)

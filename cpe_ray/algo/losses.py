@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpe_ray.algo.correction import truncate_weight
 from cpe_ray.algo.tensors import (
     LOG_RATIO_CLAMP,
     at_least_f32,
@@ -71,6 +72,24 @@ def aggregate_loss(
     return masked_sum(per_seq, non_empty) / normalizer
 
 
+def rows_normalizer(mode: str, micro_mask: Tensor, mini_batch_rows: int, world: int) -> float:
+    """`aggregate_loss`'s normalizer for one micro-batch under verl's weighting
+    (ppo.micro_batch_weighting=rows): the micro-batch's own mean, times its share of the
+    mini-batch's rows (verl's dp_actor: loss x len(micro) / mini-batch rows).
+
+    The micro-batch's count (tokens for token_mean, non-empty sequences for the seq modes)
+    times mini_batch_rows / rows, over the `world` ranks whose gradients DeepSpeed averages.
+    A token's weight is then rows / (mini_batch_rows x count): larger in a micro-batch of
+    short answers than the 1 / (mini-batch count) of the default weighting.
+    """
+    _check_agg(mode)
+    if mode == "token_mean":
+        count = float(micro_mask.sum())
+    else:
+        count = float((micro_mask != 0).any(dim=-1).sum())
+    return max(count, 1.0) * mini_batch_rows / (world * micro_mask.shape[0])
+
+
 # ----------------------------------------------------------------------------- policy losses
 @dataclass(frozen=True)
 class PolicyLossInput:
@@ -82,6 +101,10 @@ class PolicyLossInput:
     vLLM reported). logprobs are the learner's at the same temperature over the whole
     vocabulary, as verl and OpenRLHF train every row. Rows that are not rewrites may hold
     anything in edit_logprobs; a loss that does not read them takes None.
+
+    is_weights are the rollout correction's detached factors on the token losses, mask its
+    kept tokens (algo/correction.py); rewrite_clip truncates a rewrite's weight pi_theta / pi_e
+    in the edit loss (`truncate_weight`).
     """
 
     logprobs: Tensor  # the policy being trained
@@ -98,6 +121,8 @@ class PolicyLossInput:
     agg: str = "token_mean"
     normalizer: float | None = None  # see `aggregate_loss`
     edit_eps: float = EDIT_RATIO_EPS
+    is_weights: Tensor | None = None  # [B, T] factors on the token losses (None: 1)
+    rewrite_clip: float | None = None  # bound of a rewrite's weight (None: none)
 
 
 @dataclass
@@ -109,7 +134,8 @@ class PolicyLossStats:
     approx_kl: masked mean of old_logprobs - logprobs (k1 of KL(old || new));
     dual_clip_frac: fraction of original tokens where the dual clip (-A * c, A < 0) is active;
     orig_clip_frac / edit_clip_frac: the clip fractions over originals' / rewrites' tokens;
-    edit_ratio_mean: the mean ratio on rewrite tokens; edit_token_frac: their share.
+    edit_ratio_mean: the mean ratio on rewrite tokens; edit_token_frac: their share;
+    edit_truncated_frac: rewrite tokens whose weight rewrite_clip truncated.
     """
 
     clip_frac: Tensor
@@ -119,6 +145,7 @@ class PolicyLossStats:
     edit_clip_frac: Tensor
     edit_ratio_mean: Tensor
     edit_token_frac: Tensor
+    edit_truncated_frac: Tensor
 
     def to_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
@@ -173,6 +200,7 @@ def _policy_loss(inp: PolicyLossInput, edit_loss: bool) -> tuple[Tensor, PolicyL
     on = mask != 0
     edited = is_edited.to(torch.bool)[:, None] & on
     loss_mat, edit_clipped, ratio = ppo_mat, ppo_clipped, ppo_ratio
+    truncated = torch.zeros_like(edited)
     if edit_loss:
         edit_logprobs, edit_clip_low, edit_clip_high, edit_eps = (
             inp.edit_logprobs, inp.edit_clip_low, inp.edit_clip_high, inp.edit_eps)
@@ -191,6 +219,8 @@ def _policy_loss(inp: PolicyLossInput, edit_loss: bool) -> tuple[Tensor, PolicyL
         low = None if edit_clip_low is None else 1 - edit_clip_low
         high = None if edit_clip_high is None else 1 + edit_clip_high
         bounded = ratio if low is None and high is None else torch.clamp(ratio, low, high)
+        if inp.rewrite_clip is not None:
+            bounded, truncated = truncate_weight(bounded, inp.rewrite_clip)
         edit_mat = -zero_pad(at_least_f32(advantages), edited) * bounded
         edit_clipped = torch.zeros_like(edited)
         if low is not None:
@@ -198,6 +228,9 @@ def _policy_loss(inp: PolicyLossInput, edit_loss: bool) -> tuple[Tensor, PolicyL
         if high is not None:
             edit_clipped = edit_clipped | (ratio > high)
         loss_mat = zero_pad(torch.where(edited, edit_mat, ppo_mat), mask)
+    if inp.is_weights is not None:
+        check_shapes(is_weights=inp.is_weights, mask=mask)
+        loss_mat = loss_mat * zero_pad(at_least_f32(inp.is_weights), mask).detach()
     orig = on & ~edited
     clipped = torch.where(edited, edit_clipped, ppo_clipped) & on
     stats = PolicyLossStats(
@@ -208,6 +241,7 @@ def _policy_loss(inp: PolicyLossInput, edit_loss: bool) -> tuple[Tensor, PolicyL
         edit_clip_frac=masked_mean(edit_clipped.float(), edited).detach(),
         edit_ratio_mean=masked_mean(ratio, edited).detach(),
         edit_token_frac=masked_mean(edited.float(), mask).detach(),
+        edit_truncated_frac=masked_mean((truncated & edited).float(), edited).detach(),
     )
     return aggregate_loss(loss_mat, mask, inp.agg, inp.normalizer), stats
 
@@ -224,7 +258,8 @@ def cpe_loss(inp: PolicyLossInput) -> tuple[Tensor, PolicyLossStats]:
     Rewrite tokens: ratio = exp(logp) / (exp(edit_logp) + edit_eps), clipped to
     [1 - edit_clip_low, 1 + edit_clip_high], loss = -clip(ratio) * A (no PPO min, no dual
     clip). A bound given as None is not applied: both None is the release's main CPE run
-    (`off_policy_max_clip = off_policy_min_clip = -1`, method.md 3.7).
+    (`off_policy_max_clip = off_policy_min_clip = -1`, method.md 3.7). rewrite_clip then
+    truncates the weight at its value, min(ratio, rewrite_clip), gradient included.
     """
     return _policy_loss(inp, edit_loss=True)
 

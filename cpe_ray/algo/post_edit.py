@@ -15,7 +15,8 @@ a seed; ranking strategies break ties by a seeded random order rather than by po
 no prompt is favoured for coming first in the batch.
 
 An edit prompt longer than `rollout.max_prompt_length` loses the end of the answer and of
-the critique (`fit_edit_prompt`), never the system turn (the persona) or the question.
+the critique and the middle of the question, the longest first (`fit_edit_prompt`), never the
+system turn with the persona.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from cpe_ray.chat import QUESTION_CUT_MARK, Cuttable, fit_prompt
 from cpe_ray.config.choices import Table
 from cpe_ray.prompts import PromptTemplate, load_template
 
@@ -38,9 +40,6 @@ EDIT_REQUIRED = frozenset({"question", "answer", "critique"})
 _COUNT_SLACK = 1e-9
 # Ends a shortened answer or critique in the edit prompt, so the policy sees that it was cut.
 TRUNCATION_MARK = " [...]"
-# Re-tokenising cut text can move a token boundary, and the mark costs tokens: a shortened
-# prompt is re-measured and the cut deepened by the overshoot, at most this many times.
-MAX_FIT_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -232,53 +231,27 @@ class EditPrompt:
     """The edit prompt's token ids, and what had to go for it to fit the prompt limit."""
 
     token_ids: list[int]
-    shortened: bool  # the end of the answer and/or the critique was cut
+    shortened: bool  # over the limit: its question, answer and/or critique were cut
     cut_left: bool  # still too long without them: its start (the system turn) was cut
 
 
-def _caps(answer_len: int, critique_len: int, budget: int) -> tuple[int, int]:
-    """Longest lengths (at most the given ones) that sum to at most `budget`: the longer text
-    is cut first, down to the shorter one's length, then both equally."""
-    if answer_len + critique_len <= budget:
-        return answer_len, critique_len
-    shorter = min(answer_len, critique_len)
-    if 2 * shorter <= budget:
-        rest = budget - shorter
-        return (rest, shorter) if answer_len >= critique_len else (shorter, rest)
-    return budget - budget // 2, budget // 2
-
-
 def fit_edit_prompt(
-    encode_prompt: Callable[[str, str], list[int]],
+    encode_prompt: Callable[[str, str, str], list[int]],
     tokenizer: Any,
-    answer: str,
-    critique: str,
+    request: EditRequest,
     limit: int,
 ) -> EditPrompt:
     """The edit prompt within `limit` tokens, shortened where it can lose least.
 
-    `encode_prompt(answer, critique)` gives the whole prompt's token ids (system turn, the
-    template with the question, chat markup). Over the limit, the ends of the answer and the
-    critique are cut (the longer first, each marked with TRUNCATION_MARK): the persona and the
-    question always stay whole, so the rewrite and its log pi_e are conditioned on the user.
-    Only when the prompt is too long even without them is its start cut, as a last resort.
+    `encode_prompt(question, answer, critique)` gives the whole prompt's token ids (system
+    turn, the template, chat markup). Over the limit, the longest of the three is cut first
+    (`cpe_ray.chat.fit_prompt`): the answer and the critique lose their end (marked with
+    TRUNCATION_MARK), the question its middle, as the answer prompt shortens it. The system
+    turn with the persona stays, so the rewrite and its log pi_e are conditioned on the user;
+    only a prompt too long without the three texts has its start cut, as a last resort.
     """
-    ids = encode_prompt(answer, critique)
-    if len(ids) <= limit:
-        return EditPrompt(ids, shortened=False, cut_left=False)
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
-    critique_ids = tokenizer.encode(critique, add_special_tokens=False)
-
-    def cut(text: str, tokens: list[int], keep: int) -> str:
-        return text if keep >= len(tokens) else tokenizer.decode(tokens[:keep]) + TRUNCATION_MARK
-
-    budget = len(answer_ids) + len(critique_ids) - (len(ids) - limit)
-    for _ in range(MAX_FIT_ROUNDS):
-        keep_a, keep_c = _caps(len(answer_ids), len(critique_ids), max(budget, 0))
-        ids = encode_prompt(cut(answer, answer_ids, keep_a), cut(critique, critique_ids, keep_c))
-        if len(ids) <= limit:
-            return EditPrompt(ids, shortened=True, cut_left=False)
-        if budget <= 0:
-            break
-        budget -= len(ids) - limit
-    return EditPrompt(ids[-limit:], shortened=True, cut_left=True)
+    parts = [Cuttable(request.question, QUESTION_CUT_MARK, middle=True),
+             Cuttable(request.answer, TRUNCATION_MARK), Cuttable(request.critique, TRUNCATION_MARK)]
+    fitted = fit_prompt(tokenizer, lambda texts: encode_prompt(*texts), parts, limit)
+    return EditPrompt(fitted.token_ids, shortened=fitted.shortened or fitted.cut_left,
+                      cut_left=fitted.cut_left)

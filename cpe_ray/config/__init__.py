@@ -1,4 +1,5 @@
-"""Configuration: the typed schema (`schema.py`), its choices (`choices.py`), loading with
+"""Configuration: the typed schema (`schema.py`, its sections also in `schema_rl.py` and
+`schema_stages.py`, built from `schema_base.py`), its choices (`choices.py`), loading with
 validation (`loading.py`) and each key's help text (`helptext.py`, read from the docstring
 under each schema field). A leaf: imports nothing from cpe_ray but `errors`.
 

@@ -52,10 +52,38 @@ STRATEGIES: tuple[str, ...] = ("random", "reward", "batch_reward", "improvement"
 # samples of one prompt (so they need rollout.n_samples_per_prompt >= 2).
 ADVANTAGE_ESTIMATOR_NAMES: tuple[str, ...] = ("gae", "grpo", "rloo")
 GROUP_ESTIMATOR_NAMES: tuple[str, ...] = ("grpo", "rloo")
+# How the GRM's dimension scores make the advantage (`ppo.reward_aggregation`): their weighted
+# sum as one reward, or each dimension against its group first, then weighted (GDPO).
+REWARD_AGGREGATIONS: tuple[str, ...] = ("weighted_sum", "per_dimension")
 # What `ppo.mini_batch_size` counts (`ppo.mini_batch_unit`): prompts, whose samples and kept
 # rewrites share a fixed number of optimiser steps; or rows, mini_batch_size x n of them a
 # step, so that kept rewrites add steps (verl's accounting, the paper release's).
 MINI_BATCH_UNITS: tuple[str, ...] = ("prompts", "rows")
+# How a mini-batch's micro-batches weigh in its loss (`ppo.micro_batch_weighting`): every
+# token alike (the mini-batch's global count divides each micro-batch's sum), or verl's
+# (each micro-batch's own mean, times its share of the mini-batch's rows).
+MICRO_BATCH_WEIGHTINGS: tuple[str, ...] = ("tokens", "rows")
+# Which log-probs the engines report for a sampled token (`rollout.logprobs_mode`): those of
+# the distribution it was drawn from (after temperature and top-p, vLLM's processed_logprobs)
+# or the model's own (before either, vLLM's raw_logprobs).
+LOGPROBS_MODES: tuple[str, ...] = ("processed", "raw")
+# How the persona enters the GRM's critique prompt (`grm.critique_persona_format`): as given,
+# or a JSON object re-written as a Python dict (the release's str(dict)).
+PERSONA_FORMATS: tuple[str, ...] = ("text", "python_dict")
+# Rollout correction of originals against the engines' log-probs (`ppo.rollout_correction`,
+# cpe_ray/algo/correction.py): none, truncated token weights (verl's rollout_is=token, slime's
+# --use-tis), sequence-level masked IS (slime's mask mode, verl's seq_sum_k1 rejection), or
+# both: token weights on the sequences the band keeps.
+CORRECTION_MODES: tuple[str, ...] = ("none", "token_tis", "seq_mis", "token_tis_seq_mis")
+# `ppo.rollout_correction.preset`: the peers' common settings, written out as the section's
+# keys (keys given beside the preset in the same file or command line win over it).
+CORRECTION_PRESETS: Mapping[str, Mapping[str, object]] = {
+    "none": {"mode": "none", "rewrite_clip": None},
+    "tis": {"mode": "token_tis", "truncation": 2.0, "token_veto": None, "rewrite_clip": 2.0},
+    "mis": {"mode": "seq_mis", "seq_band": [0.5, 2.0], "token_veto": 1e-4, "rewrite_clip": 2.0},
+    "tis_mis": {"mode": "token_tis_seq_mis", "truncation": 2.0, "seq_band": [0.5, 2.0],
+                "token_veto": 1e-4, "rewrite_clip": 2.0},
+}
 
 
 class UnknownName(KeyError, ValueError):
@@ -113,6 +141,7 @@ class JudgeBackend:
     # grm.tensor_parallel_size GPUs (else one each)
     engine: bool = False
     prompted: bool = False  # prompts a model with grm.template (checked before start-up)
+    scalar: bool = False  # one reward, no grm.dimensions scores (no per_dimension advantages)
 
     def in_driver(self, use_gpu: bool) -> bool:
         return self.in_driver_on_gpu if use_gpu else self.in_driver_on_cpu
@@ -128,5 +157,5 @@ GRM_BACKENDS: Mapping[str, JudgeBackend] = {
     "openai": JudgeBackend(in_driver_on_cpu=True, in_driver_on_gpu=True, threaded=True,
                            writes_critiques=True, prompted=True),
     # a Bradley-Terry scalar model: in the driver on CPUs, one scorer actor per GPU on GPUs
-    "bt": JudgeBackend(in_driver_on_cpu=True, threaded=True, needs_model=True),
+    "bt": JudgeBackend(in_driver_on_cpu=True, threaded=True, needs_model=True, scalar=True),
 }

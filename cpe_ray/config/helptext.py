@@ -1,6 +1,6 @@
 """Each schema field's help text, read from the docstring under it, and the YAML that shows it.
 
-The string right under a field in `schema.py` (as CleanRL documents its arguments) is that
+The string right under a field in `schema*.py` (as CleanRL documents its arguments) is that
 field's help: a first paragraph of one line saying what it is and its unit, then any detail.
 `commented_yaml` writes a config with that text as comments above every key; `cpe-ray config`
 prints it, and `conf/default.yaml` is what it prints for the defaults.

@@ -14,6 +14,7 @@ here: `from cpe_ray.config import Config, load_config` is how code reads config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import keyword
@@ -27,7 +28,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cpe_ray.config.choices import GRM_BACKENDS, GRM_TEMPLATE_FIELDS, GROUP_ESTIMATOR_NAMES
+from cpe_ray.config.choices import (
+    CORRECTION_PRESETS,
+    GRM_BACKENDS,
+    GRM_TEMPLATE_FIELDS,
+    GROUP_ESTIMATOR_NAMES,
+)
 from cpe_ray.config.schema import (
     REMOVED_KEYS,
     RESUME_KEYWORDS,
@@ -39,6 +45,7 @@ from cpe_ray.config.schema import (
 from cpe_ray.errors import ConfigError
 
 OVERRIDES_SOURCE = "the command line"
+PRESET_KEY = "ppo.rollout_correction.preset"
 
 
 # ---------------------------------------------------------------- loading
@@ -54,6 +61,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for source, layer in layers:
         _drop_removed_keys(layer, source)
         _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", source)
+    layers = [expanded for source, layer in layers
+              for expanded in _expand_correction_preset(source, layer)]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), *(layer for _, layer in layers))
         # OmegaConf unions mappings, but a file (or an override `grm.weights={...}`) that gives
@@ -71,6 +80,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     assert isinstance(cfg, Config)
     validate(cfg)
     return cfg
+
+
+def _expand_correction_preset(source: str, layer: DictConfig
+                              ) -> list[tuple[str, DictConfig]]:
+    """A layer naming `ppo.rollout_correction.preset` is preceded by the preset's keys, so
+    that they replace what earlier layers set and the layer's own keys replace them."""
+    name = OmegaConf.select(layer, PRESET_KEY, default=None)
+    if name is None or name not in CORRECTION_PRESETS:  # an unknown name: validate says so
+        return [(source, layer)]
+    section = {k: copy.deepcopy(v) for k, v in CORRECTION_PRESETS[name].items()}
+    preset = OmegaConf.create({"ppo": {"rollout_correction": section}})
+    return [(f"{source} (preset {name})", preset), (source, layer)]
 
 
 def flat_items(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -288,6 +309,12 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
     if p.advantage_estimator in GROUP_ESTIMATOR_NAMES and r.n_samples_per_prompt < 2:
         yield (f"ppo.advantage_estimator={p.advantage_estimator} compares samples of a prompt; "
                f"set rollout.n_samples_per_prompt >= 2 (it is {r.n_samples_per_prompt})")
+    if p.reward_aggregation == "per_dimension":
+        yield from _per_dimension_problems(p.advantage_estimator, g.backend)
+    band = p.rollout_correction.seq_band
+    if len(band) != 2 or not 0 <= band[0] < band[1]:
+        yield (f"ppo.rollout_correction.seq_band = {band} must be [low, high] with "
+               "0 <= low < high (e.g. [0.5, 2.0])")
     if p.kl_coef > 0 and not le.use_reference:
         yield "ppo.kl_coef > 0 needs a reference model; set learner.use_reference=true"
     if p.mini_batch_unit == "prompts" and t.rollout_batch_size % p.mini_batch_size:
@@ -309,6 +336,16 @@ def _cross_field_problems(cfg: Config) -> Iterable[str]:
             yield f"{section}.resume is empty; use never, auto or a checkpoint path"
     yield from _eval_problems(cfg.eval)
     yield from _api_problems(cfg.distill.api, "distill.api")
+
+
+def _per_dimension_problems(estimator: str, backend: str) -> Iterable[str]:
+    if estimator not in GROUP_ESTIMATOR_NAMES:
+        yield (f"ppo.reward_aggregation=per_dimension normalises each GRM dimension within its "
+               f"prompt's group, which ppo.advantage_estimator={estimator} has not (its critic "
+               f"learns one return); use {' or '.join(GROUP_ESTIMATOR_NAMES)}, or weighted_sum")
+    if GRM_BACKENDS[backend].scalar:
+        yield (f"ppo.reward_aggregation=per_dimension needs the GRM's dimension scores, and "
+               f"grm.backend={backend} gives one scalar reward; use weighted_sum")
 
 
 def _grm_template_problems(g: GRMConfig) -> Iterable[str]:

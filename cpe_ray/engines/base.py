@@ -2,7 +2,8 @@
 
 An engine turns prompt token ids into sampled completions that carry the per-token
 log-probabilities of the sampled tokens under the *sampling* distribution (after temperature
-and top-p; with top_p = 1 this is log_softmax(logits / T), what the learner recomputes).
+and top-p; with top_p = 1 this is log_softmax(logits / T), what the learner recomputes), or
+with `logprobs_mode="raw"` under the model's own (log_softmax(logits): rollout.logprobs_mode).
 Engines also take part in weight sync: they join the sync group as one or more ranks and
 load the tensors they receive. Everything here is plain data so that it crosses Ray cleanly.
 """

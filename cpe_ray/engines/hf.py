@@ -3,8 +3,9 @@
 It exists so that the whole system runs and is tested on a CPU, and as a fallback on GPUs
 without vLLM. Prompts are left-padded into one batch (n copies of each), decoded step by
 step with the model's cache; each sampled token's log-prob is taken under the distribution
-it was sampled from (temperature, then top-p, renormalised), which is what vLLM's
-`processed_logprobs` mode reports too. Rows stop at an EOS / stop token, which is kept.
+it was sampled from (temperature, then top-p, renormalised: `logprobs_mode="processed"`, vLLM's
+`processed_logprobs`) or under the model's own (`"raw"`: log_softmax of the logits, vLLM's
+`raw_logprobs`). Rows stop at an EOS / stop token, which is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cpe_ray.config.choices import LOGPROBS_MODES
 from cpe_ray.engines.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -72,7 +74,11 @@ class HFEngine:
         device: str | None = None,
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         trust_remote_code: bool = False,
+        logprobs_mode: str = "processed",
     ) -> None:
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {logprobs_mode!r} is not one of {LOGPROBS_MODES}")
+        self.logprobs_mode = logprobs_mode
         self.model_path = resolve_model_path(model_path)
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
@@ -128,13 +134,16 @@ class HFEngine:
         ended_at = torch.full((batch,), params.max_new_tokens, device=self.device)
         tokens, logprobs = [], []
         for step in range(params.max_new_tokens):
-            logp = sampling_logprobs(out.logits[:, -1, :], params.temperature, params.top_p)
+            logits = out.logits[:, -1, :]
+            logp = sampling_logprobs(logits, params.temperature, params.top_p)
             if params.greedy:
                 tok = logp.argmax(dim=-1)
             else:
                 tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
             tokens.append(tok)
-            logprobs.append(logp.gather(-1, tok[:, None]).squeeze(-1))
+            reported = logp if self.logprobs_mode == "processed" else torch.log_softmax(
+                logits.float(), dim=-1)
+            logprobs.append(reported.gather(-1, tok[:, None]).squeeze(-1))
             hit = torch.isin(tok, stop) & ~finished
             ended_at = torch.where(hit, step + 1, ended_at)
             finished |= hit

@@ -29,6 +29,8 @@ class EngineSpec:
     trust_remote_code: bool = False
     # vLLM's KV cache in bytes; None: gpu_memory_utilization on a GPU, CPU_KV_CACHE_BYTES on a CPU
     kv_cache_memory_bytes: int | None = None
+    # which log-probs a sampled token carries: "processed" or "raw" (rollout.logprobs_mode)
+    logprobs_mode: str = "processed"
 
     @classmethod
     def for_policy(cls, cfg: Config, engine_index: int = 0) -> EngineSpec:
@@ -44,7 +46,7 @@ class EngineSpec:
                                                     cfg.post_edit.max_new_tokens),
             enable_sleep=r.enable_sleep, max_batch_rows=r.max_batch_rows,
             trust_remote_code=cfg.policy.trust_remote_code,
-            kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+            kv_cache_memory_bytes=r.kv_cache_memory_bytes, logprobs_mode=r.logprobs_mode,
         )
 
     @classmethod

@@ -51,9 +51,10 @@ from cpe_ray.weight_sync.codec import Bucket, Manifest, WeightSyncError, encode_
 from cpe_ray.weight_sync.group import GroupSpec, SyncStats
 
 EXTENSION_CLASS = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
-# Log-probs of the distribution actually sampled from (after temperature and top-k/top-p),
-# vllm/config/model.py ModelConfig.logprobs_mode; greedy requests get raw log-probs.
-LOGPROBS_MODE = "processed_logprobs"
+# rollout.logprobs_mode to vllm/config/model.py ModelConfig.logprobs_mode: processed, of the
+# distribution actually sampled from (after temperature and top-k/top-p); raw, of the model's
+# logits before any of them. Greedy requests get the model's own log-probs under either.
+VLLM_LOGPROBS_MODES = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
 SAMPLED_ONLY_LOGPROBS = 0  # SamplingParams.logprobs=0: only the sampled token's log-prob
 DEFAULT_MAX_LOGPROBS = 1  # server-side cap on logprobs per token; we never ask for top-k
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85  # leaves room for the sync buffers and CUDA graphs
@@ -87,6 +88,7 @@ def llm_kwargs(
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
     kv_cache_memory_bytes: int | None = None,
     chunked_prefill: bool = True,
+    logprobs_mode: str = "processed",
 ) -> dict[str, Any]:
     """Arguments to `vllm.LLM`, validated with one-line ConfigErrors."""
     if tensor_parallel_size < 1:
@@ -102,6 +104,9 @@ def llm_kwargs(
     if kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 1:
         raise ConfigError(
             f"kv_cache_memory_bytes must be >= 1 or None, got {kv_cache_memory_bytes}")
+    if logprobs_mode not in VLLM_LOGPROBS_MODES:
+        raise ConfigError(
+            f"logprobs_mode {logprobs_mode!r} is not one of {sorted(VLLM_LOGPROBS_MODES)}")
     kwargs: dict[str, Any] = {
         "model": model_path,
         "tensor_parallel_size": tensor_parallel_size,
@@ -111,7 +116,7 @@ def llm_kwargs(
         "enforce_eager": enforce_eager,
         "enable_sleep_mode": enable_sleep,
         "worker_extension_cls": EXTENSION_CLASS,
-        "logprobs_mode": LOGPROBS_MODE,
+        "logprobs_mode": VLLM_LOGPROBS_MODES[logprobs_mode],
         "max_logprobs": max_logprobs,
     }
     if max_model_len is not None:
@@ -248,6 +253,7 @@ class VLLMEngine:
         max_logprobs: int = DEFAULT_MAX_LOGPROBS,
         use_gpu: bool = True,
         kv_cache_memory_bytes: int | None = None,
+        logprobs_mode: str = "processed",
     ) -> None:
         if sleep_level not in (SLEEP_LEVEL_OFFLOAD, SLEEP_LEVEL_DISCARD):
             raise ConfigError(f"sleep_level must be 1 or 2, got {sleep_level}")
@@ -271,6 +277,7 @@ class VLLMEngine:
             # generator cannot do: "CPU Generator does not use offset" on any seeded batch
             # larger than one step's token budget. Whole prompts per step avoid the rewind.
             chunked_prefill=use_gpu,
+            logprobs_mode=logprobs_mode,
         )
         env = ray_env(bundle_indices, gpu_fraction, tensor_parallel_size)
         for key, value in IN_PROCESS_ENV.items():

@@ -17,7 +17,7 @@ from cpe_ray.chat import apply_chat_template, build_policy_messages, load_policy
 from cpe_ray.config import Config
 from cpe_ray.engines.base import SamplingParams
 from cpe_ray.paths import resolve_path
-from cpe_ray.runs import POLICY_DIR
+from cpe_ray.runs.layout import POLICY_DIR
 
 
 def eval_model_path(cfg: Config) -> str:

@@ -31,6 +31,7 @@ from cpe_ray.judges.grm import (
     build_grm_messages,
     judge_with_retries,
     load_grm_templates,
+    mode_persona_format,
 )
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,9 @@ class EndpointGRMJudge:
               ) -> list[JudgeOutcome]:
         check_mode(mode)
         template = self.templates[mode]
-        conversations = [build_grm_messages(template, r.persona, r.question, r.answer)
-                         for r in requests]
+        persona_format = mode_persona_format(self.cfg, mode)
+        conversations = [build_grm_messages(template, r.persona, r.question, r.answer,
+                                            persona_format) for r in requests]
         temperature = (self.cfg.critique_temperature if mode == "critique"
                        else self.cfg.score_temperature)
         attempt = 0

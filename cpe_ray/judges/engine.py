@@ -21,6 +21,7 @@ from cpe_ray.judges.grm import (
     build_grm_messages,
     judge_with_retries,
     load_grm_templates,
+    mode_persona_format,
 )
 
 SEED_STRIDE = 7919  # a prime: retries and batches draw seeds that do not collide
@@ -35,7 +36,7 @@ class EngineJudge:
 
     def prompt_ids(self, request: JudgeRequest, mode: str = "score") -> list[int]:
         messages = build_grm_messages(self.templates[mode], request.persona, request.question,
-                                      request.answer)
+                                      request.answer, mode_persona_format(self.cfg, mode))
         return apply_chat_template(self.tokenizer, messages)
 
     def judge(

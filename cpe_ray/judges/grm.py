@@ -30,6 +30,7 @@ use different templates (`grm.critique_template`), as the release's do.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -45,6 +46,7 @@ from cpe_ray.config.choices import (
     DEFAULT_WEIGHTS,
     GRM_TEMPLATE_FIELDS,
     ON_MISSING_CHOICES,
+    PERSONA_FORMATS,
     RELEASE_TEMPLATE_PLACEHOLDERS,
 )
 from cpe_ray.errors import TemplateError
@@ -254,11 +256,33 @@ def attempt_temperature(temperature: float, attempt: int, retry_temperature: flo
     return retry_temperature
 
 
+def format_persona(persona: str, persona_format: str) -> str:
+    """The persona as a GRM prompt writes it: as given (text), or, for a persona that is a
+    JSON object, Python's str() of the dict (python_dict: the release's critique call formats
+    the dict it parsed out of the policy's prompt, single quotes and all)."""
+    if persona_format not in PERSONA_FORMATS:
+        raise ValueError(f"persona format {persona_format!r} is not one of {PERSONA_FORMATS}")
+    if persona_format == "text":
+        return persona
+    try:
+        parsed = json.loads(persona)
+    except json.JSONDecodeError:
+        return persona  # free text has no dict to write
+    return str(parsed) if isinstance(parsed, dict) else persona
+
+
+def mode_persona_format(cfg: GRMConfig, mode: str) -> str:
+    """The persona format of a judge mode's prompt: grm.critique_persona_format for the
+    critique call, text for the score call (the release's score call sends the persona as
+    its data holds it)."""
+    return cfg.critique_persona_format if mode == "critique" else "text"
+
+
 def build_grm_messages(template: PromptTemplate, persona: str, question: str,
-                       answer: str) -> list[dict[str, str]]:
+                       answer: str, persona_format: str = "text") -> list[dict[str, str]]:
     """The GRM sees one user turn holding the rubric, persona, question and answer."""
-    return [{"role": "user", "content": template.render(persona=persona, question=question,
-                                                          answer=answer)}]
+    return [{"role": "user", "content": template.render(
+        persona=format_persona(persona, persona_format), question=question, answer=answer)}]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ loss for the critic), saves and loads its full training state, exports the polic
 format, and owns the `WeightSender` (weight_sync/sender.py) that sends the policy to the
 engines. Each mini-batch is one optimiser step whatever its size: losses are
 normalised by the mini-batch's global token (or sequence) count, so splitting rows over
-micro-batches and ranks changes nothing but rounding. The Ray actor in `actors/learner.py`
+micro-batches and ranks changes nothing but rounding (ppo.micro_batch_weighting=rows instead
+weighs each micro-batch's own mean by its rows, as verl does). The Ray actor in `actors/learner.py`
 is a thin wrapper around `PPOLearnerCore`.
 """
 
@@ -22,12 +23,14 @@ from typing import Any
 import torch
 
 from cpe_ray.algo.advantages import ADVANTAGE_ESTIMATORS
+from cpe_ray.algo.correction import KEPT_STATS, rollout_correction
 from cpe_ray.algo.experience import Experience, pad_response, split_even
 from cpe_ray.algo.losses import (
     POLICY_LOSSES,
     PolicyLossInput,
     aggregate_loss,
     policy_loss_name,
+    rows_normalizer,
     value_loss,
 )
 from cpe_ray.algo.tensors import (
@@ -51,6 +54,7 @@ from cpe_ray.weight_sync.sender import WeightSender, gathered
 
 POLICY_TAG, CRITIC_TAG = "policy", "critic"
 MB = 1 << 20
+MAX_SUFFIX = "_max"  # a metric whose key ends so is a maximum over ranks, not a mean
 
 
 @dataclass
@@ -61,10 +65,12 @@ class TrainShard:
     num_micro: int  # equal on all ranks: ZeRO-3 gathers are collective per forward
     global_tokens: int  # response tokens in the whole mini-batch, all ranks
     global_seqs: int  # non-empty responses in the whole mini-batch, all ranks
+    global_rows: int  # rows in the whole mini-batch, all ranks
 
 
 class MetricSums:
-    """Weighted sums that ranks return and the driver reduces into means."""
+    """Weighted sums that ranks return and the driver reduces into means; a key ending in
+    MAX_SUFFIX holds (largest value, 1) and reduces to the largest."""
 
     def __init__(self) -> None:
         self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -73,6 +79,13 @@ class MetricSums:
         pair = self.sums[key]
         pair[0] += float(value) * weight
         pair[1] += weight
+
+    def add_max(self, key: str, value: float) -> None:
+        if not key.endswith(MAX_SUFFIX):
+            raise ValueError(f"a maximum's key must end in {MAX_SUFFIX!r}, got {key!r}")
+        pair = self.sums[key]
+        if pair[1] == 0 or value > pair[0]:
+            pair[0], pair[1] = float(value), 1.0
 
     def as_dict(self) -> dict[str, tuple[float, float]]:
         return {k: (v[0], v[1]) for k, v in self.sums.items()}
@@ -97,6 +110,10 @@ def reduce_metrics(parts: list[dict[str, tuple[float, float]]]) -> dict[str, flo
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for part in parts:
         for key, (s, w) in part.items():
+            if key.endswith(MAX_SUFFIX):
+                if w > 0 and (totals[key][1] == 0 or s > totals[key][0]):
+                    totals[key] = [s, 1.0]
+                continue
             totals[key][0] += s
             totals[key][1] += w
     return {k: s / w for k, (s, w) in totals.items() if w > 0}
@@ -313,6 +330,14 @@ class PPOLearnerCore:
         # update the exact mean over the mini-batch.
         return max(count, 1) / self.world
 
+    def _micro_normalizer(self, norm: float, shard: TrainShard, m: Experience) -> float:
+        """Micro-batch `m`'s divisor: the mini-batch's `norm` (ppo.micro_batch_weighting
+        tokens), or verl's row weighting of the micro-batch's own mean (rows)."""
+        if self.cfg.ppo.micro_batch_weighting == "tokens":
+            return norm
+        return rows_normalizer(self.cfg.ppo.loss_agg, m.response_mask, shard.global_rows,
+                               self.world)
+
     def train(self, shards: list[TrainShard]) -> dict[str, tuple[float, float]]:
         """One optimiser step of the policy (and critic) per shard; returns weighted sums."""
         sums = MetricSums()
@@ -326,8 +351,40 @@ class PPOLearnerCore:
                 self._critic_step(shard, sums)
         return sums.as_dict()
 
+    def _correct(self, shard: TrainShard, sums: MetricSums) -> tuple[TrainShard, float]:
+        """The rollout correction over this rank's rows of the mini-batch, before its first
+        backward: the weights travel with the rows to the micro-batches, and the rejected
+        tokens (sequences) leave the normaliser, counted over every rank."""
+        exp = shard.experience
+        if exp.behaviour_logprobs is None:
+            raise ValueError("ppo.rollout_correction needs the engines' log-probs of the rows; "
+                             "build the experience with behaviour_logprobs")
+        corr = rollout_correction(self.cfg.ppo.rollout_correction, exp.old_logprobs,
+                                  exp.behaviour_logprobs, exp.response_mask, exp.is_edited)
+        keep = corr.keep.to(exp.response_mask.dtype)
+        rejected = [float(exp.response_mask.sum() - keep.sum()),
+                    float(exp.num_nonempty() - int((keep.sum(-1) > 0).sum()))]
+        if self.world > 1:
+            counts = torch.tensor(rejected, dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(counts)
+            rejected = counts.tolist()
+        shard = replace(shard, experience=exp.with_fields(
+            response_mask=keep, correction_weights=corr.weights),
+            global_tokens=shard.global_tokens - round(rejected[0]),
+            global_seqs=shard.global_seqs - round(rejected[1]))
+        for key, value in corr.stats.to_dict().items():
+            # each a mean over its own tokens; ess is not one: the tokens' mean of the ranks'
+            tokens = corr.kept_tokens if key in KEPT_STATS else corr.tokens
+            if tokens and key.endswith(MAX_SUFFIX):
+                sums.add_max(f"rollout_correction/{key}", value)
+            elif tokens:
+                sums.add(f"rollout_correction/{key}", value, tokens)
+        return shard, self._normalizer(shard)
+
     def _policy_step(self, shard: TrainShard, sums: MetricSums) -> None:
         ppo, norm = self.cfg.ppo, self._normalizer(shard)
+        if ppo.rollout_correction.mode != "none":
+            shard, norm = self._correct(shard, sums)
         policy_loss = POLICY_LOSSES[policy_loss_name(self.cfg)]
         self.policy.train()
         total = 0.0
@@ -335,31 +392,34 @@ class PPOLearnerCore:
             m, _, _ = micro.to(self.device).trimmed()
             if not real:
                 m = self._zero_targets(m)
+            mb_norm = self._micro_normalizer(norm, shard, m)
             logits = self._policy_logits(self.policy_forward, m)
             logp = logprobs_from_logits(logits, m.responses)
             loss, stats = policy_loss(PolicyLossInput(
                 logp, m.old_logprobs, m.advantages, m.response_mask, is_edited=m.is_edited,
                 edit_logprobs=m.edit_logprobs, clip_low=ppo.clip_low, clip_high=ppo.clip_high,
                 edit_clip_low=ppo.edit_clip_low, edit_clip_high=ppo.edit_clip_high,
-                dual_clip=ppo.dual_clip, agg=ppo.loss_agg, normalizer=norm,
+                dual_clip=ppo.dual_clip, agg=ppo.loss_agg, normalizer=mb_norm,
+                is_weights=m.correction_weights,
+                rewrite_clip=ppo.rollout_correction.rewrite_clip,
             ))
             ctx = nullcontext() if ppo.entropy_coef > 0 else torch.no_grad()
             with ctx:
                 entropy = entropy_from_logits(logits)
-                ent_term = aggregate_loss(entropy, m.response_mask, ppo.loss_agg, norm)
+                ent_term = aggregate_loss(entropy, m.response_mask, ppo.loss_agg, mb_norm)
             if ppo.entropy_coef > 0:
                 loss = loss - ppo.entropy_coef * ent_term
             if self.ref is not None and ppo.kl_coef > 0 and not ppo.kl_in_reward:
                 kl = kl_estimate(logp, m.ref_logprobs, ppo.kl_estimator, m.response_mask)
                 loss = loss + ppo.kl_coef * aggregate_loss(kl, m.response_mask, ppo.loss_agg,
-                                                           norm)
+                                                           mb_norm)
             self.policy.backward(loss, scale_wrt_gas=False)
             total += float(loss.detach())
             tokens = float(m.response_mask.sum())
             if real and tokens > 0:
                 for key, value in stats.to_dict().items():
                     sums.add(f"policy/{key}", value, tokens)
-                sums.add("policy/entropy", float(ent_term.detach()) * norm / tokens, tokens)
+                sums.add("policy/entropy", float(ent_term.detach()) * mb_norm / tokens, tokens)
         step_and_report(self.policy, sums, "policy", "loss", total, self.world)
 
     def _critic_step(self, shard: TrainShard, sums: MetricSums) -> None:
@@ -373,7 +433,7 @@ class PPOLearnerCore:
             values = self._values(m)
             loss, clip_frac = value_loss(
                 values, m.old_values, m.returns, m.response_mask, clip=ppo.value_clip,
-                agg=ppo.loss_agg, normalizer=norm,
+                agg=ppo.loss_agg, normalizer=self._micro_normalizer(norm, shard, m),
             )
             self.critic.backward(loss, scale_wrt_gas=False)
             total += float(loss.detach())

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cpe_ray.algo.advantages import behaviour_weights
+from cpe_ray.algo.advantages import DimensionScores, behaviour_weights
 from cpe_ray.algo.experience import Experience, pad_response
 from cpe_ray.algo.tensors import kl_estimate, masked_mean
 from cpe_ray.config import Config
@@ -29,7 +29,8 @@ class StepResult:
 def experience(cfg: Config, prompt_ids: list[list[int]], answers: list[Answer],
                rewrites: list[Answer], pad_id: int) -> Experience:
     """3.4: originals, then rewrites on their ORIGINAL prompts with log pi_e; each row with
-    the temperature it was sampled at, which the learner scores it at."""
+    the temperature it was sampled at, which the learner scores it at, and the originals with
+    the engine's log-probs (the rollout correction's pi_engine)."""
     rows = answers + rewrites
     temps = ([cfg.rollout.temperature] * len(answers)
              + [cfg.post_edit.temperature] * len(rewrites))
@@ -38,6 +39,7 @@ def experience(cfg: Config, prompt_ids: list[list[int]], answers: list[Answer],
         pad_id, is_edited=[False] * len(answers) + [True] * len(rewrites),
         edit_logprobs=[[]] * len(answers) + [a.completion.logprobs for a in rewrites],
         temperature=temps,
+        behaviour_logprobs=[a.completion.logprobs for a in answers] + [[]] * len(rewrites),
     )
 
 
@@ -48,13 +50,49 @@ def rewards_and_groups(s: Samples) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor([a.prompt for a in rows]))
 
 
+def dimension_scores(cfg: Config, s: Samples) -> DimensionScores | None:
+    """Each row's score in each weighted GRM dimension (rows as `rewards_and_groups`), for
+    ppo.reward_aggregation=per_dimension; None under weighted_sum.
+
+    A missing score counts as grm.on_missing says of the scalar reward: zero, 0; none, the
+    row's every dimension 0 (its scalar reward is 0); renormalize, the mean of the dimension's
+    present scores in the row's group (0 if none), so it moves its group's advantage by nothing.
+    """
+    if cfg.ppo.reward_aggregation != "per_dimension":
+        return None
+    g = cfg.grm
+    names = tuple(d for d in g.dimensions if d in g.weights)
+    rows = s.answers.items + s.kept_rewrites()
+    found = [[a.judgement.judgement.scores.get(d) if a.judgement is not None else None
+              for d in names] for a in rows]
+    if g.on_missing == "none":
+        found = [[0.0] * len(names) if None in row else row for row in found]
+    present: dict[tuple[int, int], list[float]] = {}  # (prompt, dimension) -> scores
+    if g.on_missing == "renormalize":
+        for a, row in zip(rows, found, strict=True):
+            for d, v in enumerate(row):
+                if v is not None:
+                    present.setdefault((a.prompt, d), []).append(v)
+    fill = {key: sum(vals) / len(vals) for key, vals in present.items()}
+    scores = [[fill.get((a.prompt, d), 0.0) if v is None else v for d, v in enumerate(row)]
+              for a, row in zip(rows, found, strict=True)]
+    return DimensionScores(torch.tensor(scores, dtype=torch.float32).reshape(len(rows), -1),
+                           names, torch.tensor([g.weights[d] for d in names]))
+
+
 def correct_staleness(cfg: Config, exp: Experience, answers: list[Answer], staleness: int
                       ) -> tuple[Experience, dict[str, float]]:
     """Off-policy originals: advantages times min(pi_prox / pi_behav, cap) per token, the
     behaviour policy's log-probs being the engine's (`behaviour_weights`). Rewrites
     keep their own correction, the ratio against log pi_e, which is already taken against
-    the distribution that sampled them; fresh batches (staleness 0) get weight 1."""
+    the distribution that sampled them; fresh batches (staleness 0) get weight 1.
+
+    With ppo.rollout_correction on, the learner weighs every original, stale or fresh, by the
+    same ratio (its old log-probs are pi_prox, the engine's pi_behav) and bounds it by that
+    section's settings; weighting here too would count it twice (rollout_correction/*)."""
     metrics = {"off_policy/staleness": float(staleness)}
+    if cfg.ppo.rollout_correction.mode != "none":
+        return exp, metrics
     if not staleness:
         return exp, metrics | {"off_policy/weight_mean": 1.0,
                                "off_policy/weight_clipped_frac": 0.0}

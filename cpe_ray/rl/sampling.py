@@ -76,7 +76,7 @@ class PromptFits:
     """How many of a step's prompts were over rollout.max_prompt_length, by what was cut
     (summed from the rollout engines' `GenerationBatch`es)."""
 
-    edit_shortened: int = 0  # edit prompts whose answer / critique lost their end
+    edit_shortened: int = 0  # edit prompts whose question, answer or critique was cut
     cut_left: int = 0  # prompts still too long, cut from the start (the persona is lost)
     questions_shortened: int = 0  # answer prompts whose question lost its middle
 

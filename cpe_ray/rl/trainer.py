@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cpe_ray.algo.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
+from cpe_ray.algo.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, dimension_metrics
 from cpe_ray.algo.experience import Experience, pad_response
 from cpe_ray.config import Config
 from cpe_ray.data import PromptRecord, batch_order
@@ -106,10 +106,12 @@ class Trainer:
         correction when training off-policy), then the learner's PPO update."""
         cfg = self.cfg
         scores, groups = compute.rewards_and_groups(s)
-        exp = compute_advantages(cfg.ppo, exp, _forward_fields(exp), scores, groups)
-        metrics: dict[str, float] = {}
+        dims = compute.dimension_scores(cfg, s)  # None unless ppo.reward_aggregation=per_dimension
+        exp = compute_advantages(cfg.ppo, exp, _forward_fields(exp), scores, groups, dims)
+        metrics = dimension_metrics(cfg.ppo, dims, groups)
         if cfg.trainer.off_policy_steps:
-            exp, metrics = compute.correct_staleness(cfg, exp, s.answers.items, staleness)
+            exp, stale = compute.correct_staleness(cfg, exp, s.answers.items, staleness)
+            metrics |= stale
         train = self.rt.learner.train(exp, compute.num_mini_batches(cfg, len(exp)),
                                       derive_seed(cfg.run.seed, step))
         return train | metrics

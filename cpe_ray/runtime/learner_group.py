@@ -97,7 +97,7 @@ class LearnerGroup(RankGroup):
                 k = self._num_micro([len(s) for s in shards])
                 tokens, seqs = mini.num_tokens(), mini.num_nonempty()
                 for rank, shard in enumerate(shards):
-                    per_rank[rank].append(TrainShard(shard, k, tokens, seqs))
+                    per_rank[rank].append(TrainShard(shard, k, tokens, seqs, len(mini)))
         return per_rank
 
     def policy_state(self) -> dict[str, torch.Tensor]:

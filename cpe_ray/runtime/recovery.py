@@ -151,7 +151,7 @@ class Supervisor:
             self.judge_actors[slot.index] = handle
 
     def _restart_learner(self) -> int:
-        from cpe_ray.runs import restore
+        from cpe_ray.runs.checkpoints import restore
 
         self.rt.start_learner()
         self.rt.learner.engine_recovery = self._sync_fault
@@ -177,10 +177,16 @@ class Supervisor:
 
 def _cause(err: RemoteError) -> str:
     """What ended the actor, in a few words: Ray's error type, the process id and its exit
-    ("ActorDiedError, pid 123: SYSTEM_ERROR, Worker unexpectedly exits with ...")."""
+    ("ActorDiedError, pid 123: SYSTEM_ERROR, Worker unexpectedly exits with ..."); for one
+    that died in `__init__` (a restart that failed), what `__init__` raised, from `err`'s own
+    message ("during start-up: TemplateError: ...")."""
     cause = err.__cause__
     if cause is None:
         return "died"
+    # Ray's text for these is the creation task's whole traceback; `wait_all` has its last line
+    _, found, raised = str(err).partition(f"{err.actor} died during start-up: ")
+    if found:
+        return f"during start-up: {raised}"
     text = " ".join(str(cause).split())
     parts = [type(cause).__name__]
     pid = re.search(r"\bpid: (\d+)", text)

@@ -22,7 +22,7 @@ from cpe_ray.config import Config
 from cpe_ray.errors import DataError
 from cpe_ray.judges.grm import build_grm_messages, load_grm_template
 from cpe_ray.models import load_tokenizer, resolve_model_path
-from cpe_ray.runs import run_dir_for
+from cpe_ray.runs.ownership import run_dir_for
 from cpe_ray.stages.data import heldout_split, tokenize_conversation
 from cpe_ray.stages.distill import read_records
 from cpe_ray.stages.loop import StageJob, StageResult, run_stage

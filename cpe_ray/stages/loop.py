@@ -25,16 +25,9 @@ from cpe_ray.config import Config, StageTrainConfig
 from cpe_ray.data import batch_order
 from cpe_ray.errors import DataError
 from cpe_ray.learners.supervised import Example
-from cpe_ray.runs import (
-    checkpoints,
-    init_ray,
-    is_due,
-    open_run,
-    progress_bar,
-    release_run,
-    restore,
-    write_checkpoint,
-)
+from cpe_ray.runs.checkpoints import checkpoints, is_due, restore, write_checkpoint
+from cpe_ray.runs.ownership import open_run, release_run
+from cpe_ray.runs.ray_join import init_ray, progress_bar
 
 SUMMARY = "summary.json"
 

@@ -17,7 +17,7 @@ from cpe_ray.config import Config
 from cpe_ray.data import load_sft
 from cpe_ray.models import load_tokenizer, resolve_model_path
 from cpe_ray.paths import resolve_path
-from cpe_ray.runs import POLICY_DIR
+from cpe_ray.runs.layout import POLICY_DIR
 from cpe_ray.stages.data import heldout_split, tokenize_conversation
 from cpe_ray.stages.loop import StageJob, StageResult, run_stage
 

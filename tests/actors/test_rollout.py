@@ -1,5 +1,6 @@
-"""The rollout actor's answer prompts: a question over rollout.max_prompt_length is shortened
-in its middle, the system turn and persona kept, and the batch counts it."""
+"""The rollout actor's prompts over rollout.max_prompt_length: an answer prompt's question
+loses its middle, an edit prompt's question, answer and critique are cut, the system turn and
+persona are kept, and the batch counts them."""
 
 from __future__ import annotations
 
@@ -9,27 +10,53 @@ from cpe_ray.config import load_config
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]
 
-LIMIT = 200
+LIMIT = 400  # the edit prompt's system turn and template alone take 285
+PERSONA = "Name: Ada\nOccupation: welder"
+LONG_Q = "Hi. " + "very long " * 20_000 + "Why?"
 
 
-def test_long_question_is_shortened_keeping_the_persona_and_counted() -> None:
-    import ray
-
+@pytest.fixture(scope="module")
+def engine(local_ray):
     from actors.rollout import PolicyRollout
-    from cpe_ray.models import load_tokenizer, resolve_model_path
 
     cfg = load_config(None, [f"rollout.max_prompt_length={LIMIT}", "rollout.max_new_tokens=4",
-                             "rollout.n_samples_per_prompt=1"])
-    engine = PolicyRollout.options(num_cpus=1).remote(cfg)
-    try:
-        persona, long_q = "Name: Ada\nOccupation: welder", "Hi. " + "very long " * 20_000 + "Why?"
-        batch = ray.get(engine.answer.remote([(persona, long_q), (persona, "Why?")], 3),
-                        timeout=120)
-        assert batch.questions_shortened == 1 and batch.cut_left == 0
-        assert len(batch.prompt_ids[0]) <= LIMIT < 20_000
-        text = load_tokenizer(resolve_model_path("tiny")).decode(batch.prompt_ids[0])
-        assert "Name: Ada\nOccupation: welder" in text  # the system turn with the persona
-        assert "Hi. very long" in text and "very long Why?" in text and "[...]" in text
-        assert len(batch.completions) == 2
-    finally:
-        ray.kill(engine)
+                             "post_edit.max_new_tokens=4", "rollout.n_samples_per_prompt=1"])
+    actor = PolicyRollout.options(num_cpus=1).remote(cfg)
+    yield actor
+    local_ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def decode():
+    from cpe_ray.models import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path("tiny")).decode
+
+
+def test_long_question_is_shortened_keeping_the_persona_and_counted(engine, decode) -> None:
+    import ray
+
+    batch = ray.get(engine.answer.remote([(PERSONA, LONG_Q), (PERSONA, "Why?")], 3),
+                    timeout=120)
+    assert batch.questions_shortened == 1 and batch.cut_left == 0
+    assert len(batch.prompt_ids[0]) <= LIMIT < 20_000
+    text = decode(batch.prompt_ids[0])
+    assert PERSONA in text  # the system turn with the persona
+    assert "Hi. very long" in text and "very long Why?" in text and "[...]" in text
+    assert len(batch.completions) == 2
+
+
+def test_edit_prompt_of_a_long_question_keeps_the_persona(engine, decode) -> None:
+    """The edit prompt once took the whole question and, over the limit, cut its start."""
+    import ray
+
+    from cpe_ray.algo.post_edit import EditRequest
+
+    requests = [EditRequest(PERSONA, LONG_Q, "Weld it. " * 50, "Too curt. " * 50),
+                EditRequest(PERSONA, "Why?", "Because.", "Say why.")]
+    batch = ray.get(engine.post_edit.remote(requests, 3), timeout=120)
+    assert batch.shortened == 1 and batch.cut_left == 0 and len(batch.completions) == 2
+    text = decode(batch.prompt_ids[0])
+    assert len(batch.prompt_ids[0]) <= LIMIT and text.startswith("<|im_start|>system")
+    assert PERSONA in text and "Hi. very long" in text and "very long Why?" in text
+    assert "Weld it." in text and "Too curt." in text

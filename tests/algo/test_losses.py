@@ -317,4 +317,4 @@ def test_the_ppo_loss_reads_no_edit_logprobs_and_logs_every_stat() -> None:
     assert torch.isfinite(loss)
     assert list(stats.to_dict()) == ["clip_frac", "approx_kl", "dual_clip_frac",
                                      "orig_clip_frac", "edit_clip_frac", "edit_ratio_mean",
-                                     "edit_token_frac"]
+                                     "edit_token_frac", "edit_truncated_frac"]

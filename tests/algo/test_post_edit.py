@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from cpe_ray.algo.post_edit import (
     SELECTION_STRATEGIES,
     TRUNCATION_MARK,
+    EditRequest,
     RewriteInfo,
     SelectionStrategy,
     build_edit_messages,
@@ -202,24 +203,28 @@ def edit_encoder():
     system = system_prompt(load_policy_system_template(), PERSONA)
     template = load_edit_template("edit_en.txt")
 
-    def encode(answer: str, critique: str, question: str = QUESTION) -> list[int]:
+    def encode(question: str, answer: str, critique: str) -> list[int]:
         msgs = build_edit_messages(template, question, answer, critique, system_prompt=system,
                                    persona=PERSONA)
         return apply_chat_template(tok, msgs)
 
-    return tok, encode
+    def fit(answer: str, critique: str, limit: int, question: str = QUESTION):
+        return fit_edit_prompt(encode, tok, EditRequest(PERSONA, question, answer, critique),
+                               limit)
+
+    return tok, encode, fit
 
 
 def test_long_edit_prompt_loses_answer_and_critique_not_persona_or_question(edit_encoder):
     """The 7B recipe's shape: an answer of ~2,000 tokens and a critique of ~1,000 under a
     2,048-token prompt limit. Cut from the left, the prompt loses the persona and the question."""
-    tok, encode = edit_encoder
+    tok, encode, fit = edit_encoder
     answer, critique, limit = _words(900, 1), _words(450, 2), 2048
-    full = encode(answer, critique)
+    full = encode(QUESTION, answer, critique)
     assert len(full) > limit
     left_cut = tok.decode(full[-limit:])
     assert PERSONA not in left_cut and QUESTION not in left_cut  # what the left cut did
-    fitted = fit_edit_prompt(encode, tok, answer, critique, limit)
+    fitted = fit(answer, critique, limit)
     text = tok.decode(fitted.token_ids)
     assert fitted.shortened and not fitted.cut_left
     assert limit - 16 <= len(fitted.token_ids) <= limit  # little of the budget left unused
@@ -231,20 +236,65 @@ def test_long_edit_prompt_loses_answer_and_critique_not_persona_or_question(edit
 
 
 def test_short_edit_prompt_is_untouched_and_hopeless_one_is_cut_left(edit_encoder):
-    tok, encode = edit_encoder
-    fitted = fit_edit_prompt(encode, tok, "Go hiking.", "Too short.", 2048)
-    assert fitted.token_ids == encode("Go hiking.", "Too short.")
+    tok, encode, fit = edit_encoder
+    fitted = fit("Go hiking.", "Too short.", 2048)
+    assert fitted.token_ids == encode(QUESTION, "Go hiking.", "Too short.")
     assert not fitted.shortened and not fitted.cut_left
     # a short critique stays whole while the long answer takes the whole cut
     answer, critique = _words(900, 3), "Name one trail and a picnic spot."
-    fitted = fit_edit_prompt(encode, tok, answer, critique, 1024)
+    fitted = fit(answer, critique, 1024)
     text = tok.decode(fitted.token_ids)
     assert critique in text and text.count(TRUNCATION_MARK) == 1 and len(fitted.token_ids) <= 1024
-    # a question alone over the limit: only then is the start cut (counted as such)
-    question = _words(600, 4)
+    # a limit the system turn and the template alone exceed: only then is the start cut
+    fitted = fit(answer, critique, 64)
+    assert fitted.cut_left and fitted.shortened
+    assert fitted.token_ids == encode(QUESTION, answer, critique)[-64:]
 
-    def long_question(a: str, c: str) -> list[int]:
-        return encode(a, c, question=question)
 
-    fitted = fit_edit_prompt(long_question, tok, "Go hiking.", "Too short.", 512)
-    assert fitted.cut_left and len(fitted.token_ids) == 512
+def test_a_question_the_answer_prompt_shortens_loses_its_middle_not_the_persona(edit_encoder):
+    """The edit prompt shortens a long question as the answer prompt does (its middle), with
+    the answer and the critique; cut from the left, it lost the system turn every time."""
+    from cpe_ray.chat import QUESTION_CUT_MARK
+
+    tok, encode, fit = edit_encoder
+    question = "START of my question. " + _words(3000, 4) + " What should I pack? END"
+    answer, critique, limit = _words(300, 5), _words(150, 6), 512
+    fitted = fit(answer, critique, limit, question=question)
+    text = tok.decode(fitted.token_ids)
+    assert fitted.shortened and not fitted.cut_left and limit - 16 <= len(fitted.token_ids) <= limit
+    assert PERSONA in text and text.startswith("<|im_start|>system")
+    assert "START of my question." in text and "What should I pack? END" in text
+    assert QUESTION_CUT_MARK.strip() in text and text.count(TRUNCATION_MARK) >= 2
+    assert answer[:100] in text and critique[:100] in text  # each kept its beginning
+
+
+MIXED = ("the", "trail", "lake", "picnic", "徒步", "湖边", "野餐", "日出", "山里", "周末")
+
+
+def _mixed(n: int, seed: int) -> str:
+    """English and Chinese words run together: token boundaries fall inside characters."""
+    rng = random.Random(seed)
+    return "".join(rng.choice(MIXED) for _ in range(n))
+
+
+def test_a_one_token_overshoot_shortens_more_rather_than_cutting_the_start(edit_encoder):
+    """With this text the old fitting loop measured 769 tokens for 768 four times running
+    and cut the prompt's start, <|im_start|> and the persona with it."""
+    tok, _, fit = edit_encoder
+    fitted = fit(_mixed(700, 2), _mixed(300, 1002), 768)
+    text = tok.decode(fitted.token_ids)
+    assert fitted.shortened and not fitted.cut_left and 768 - 8 <= len(fitted.token_ids) <= 768
+    assert text.startswith("<|im_start|>system") and PERSONA in text and QUESTION in text
+
+
+@pytest.mark.parametrize("seed", [2, 12, 61])
+def test_every_limit_fits_without_the_start_or_a_broken_character(edit_encoder, seed: int):
+    """A cut inside a multi-byte character once left U+FFFD before the mark (half the limits
+    here); every limit the system turn and the template leave room in must fit too."""
+    tok, _, fit = edit_encoder
+    answer, critique = _mixed(700, seed), _mixed(300, seed + 1000)
+    for limit in range(600, 780, 9):
+        fitted = fit(answer, critique, limit)
+        text = tok.decode(fitted.token_ids)
+        assert not fitted.cut_left and len(fitted.token_ids) <= limit, limit
+        assert "\ufffd" not in text and PERSONA in text, limit

@@ -219,6 +219,7 @@ def test_ablation_arms_differ_from_the_recipe_only_where_intended(path: Path) ->
     if path.stem.startswith("ablation-ppo-"):
         # the paper compares arms at equal trained samples: 6 answers = 4 answers + 2 rewrites
         expected |= {"post_edit.enabled": False, "rollout.n_samples_per_prompt": 6}
+        expected["ppo.dual_clip"] = 3.0  # verl's PPO loss (clip_ratio_c), as the release's
         if path.stem == "ablation-ppo-bt":
             expected |= {"grm.backend": "bt", "grm.model_path": diff.get("grm.model_path")}
             assert diff["grm.model_path"].startswith("/mnt/cpe-ray/")

@@ -24,7 +24,7 @@ def test_default_yaml_is_what_cpe_ray_config_writes(capsys: pytest.CaptureFixtur
     lines = written.splitlines()
     at = 0
     for key, help_ in schema_help().items():
-        assert help_, f"{key} has no docstring under its field in cpe_ray/config/schema.py"
+        assert help_, f"{key} has no docstring under its field in cpe_ray/config/schema*.py"
         depth, name = key.count("."), key.rsplit(".", 1)[-1]
         at = next(i for i in range(at, len(lines))
                   if lines[i].startswith("  " * depth + name + ":"))

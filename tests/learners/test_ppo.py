@@ -110,8 +110,10 @@ def test_update_then_sync_makes_engine_logits_equal_learner(stage: int) -> None:
     _kill(*group.actors, *engines)
 
 
-def test_two_ranks_train_exactly_like_one_rank() -> None:
-    """Normalising by the global token count makes the update independent of the split."""
+@pytest.mark.parametrize("correction", ["none", "token_tis_seq_mis"])
+def test_two_ranks_train_exactly_like_one_rank(correction: str) -> None:
+    """Normalising by the global token count makes the update independent of the split; with
+    the rollout correction, rejected sequences leave that count on every rank."""
     from actors.rollout import PolicyRollout
     from cpe_ray.runtime.learner_group import LearnerGroup
 
@@ -119,7 +121,8 @@ def test_two_ranks_train_exactly_like_one_rank() -> None:
     exp_fixed = None
     for ranks in (1, 2):
         # ZeRO-2 reports the gradient norm, which (unlike Adam's step) shows a scale error
-        cfg = _config(2, ranks=ranks, **{"ppo.advantage_estimator": "grpo"})
+        cfg = _config(2, ranks=ranks, **{"ppo.advantage_estimator": "grpo",
+                                         "ppo.rollout_correction.mode": correction})
         group = LearnerGroup(cfg)
         group.setup()
         if exp_fixed is None:
@@ -127,7 +130,10 @@ def test_two_ranks_train_exactly_like_one_rank() -> None:
             _, exp = _batch(rollout)
             lp = group.compute_logprobs(exp)
             adv = torch.randn(lp.shape, generator=torch.Generator().manual_seed(3))
-            exp_fixed = exp.with_fields(old_logprobs=lp, advantages=adv * exp.response_mask)
+            # engine log-probs off by noise: some tokens truncated, some sequences rejected
+            noise = 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(4))
+            exp_fixed = exp.with_fields(old_logprobs=lp, advantages=adv * exp.response_mask,
+                                        behaviour_logprobs=(lp + noise) * exp.response_mask)
             _kill(rollout)
         metrics = group.train(exp_fixed, num_mini_batches=2, seed=5)
         assert "critic/value_loss" not in metrics  # GRPO trains no critic
@@ -145,6 +151,12 @@ def test_two_ranks_train_exactly_like_one_rank() -> None:
     assert m2["policy/approx_kl"] == pytest.approx(m1["policy/approx_kl"], rel=1e-4, abs=1e-7)
     assert m1["policy/grad_norm"] > 0
     assert m2["policy/grad_norm"] == pytest.approx(m1["policy/grad_norm"], rel=1e-4)
+    if correction != "none":
+        assert 0 < m1["rollout_correction/masked_frac"] < 1
+        assert m1["rollout_correction/clipped_frac"] > 0
+        for key in ("weight_mean", "weight_max", "ratio_max", "masked_frac", "mismatch_kl"):
+            assert m2[f"rollout_correction/{key}"] == pytest.approx(
+                m1[f"rollout_correction/{key}"], rel=1e-6), key
 
 
 def test_save_load_state_and_export_hf(tmp_path) -> None:
@@ -153,12 +165,15 @@ def test_save_load_state_and_export_hf(tmp_path) -> None:
     from actors.rollout import PolicyRollout
     from cpe_ray.runtime.learner_group import LearnerGroup
 
-    cfg = _config(0, ranks=2)
+    # verl's micro-batch weighting (each micro-batch's mean by its rows): the policy and the
+    # critic train through it here; its numbers are in tests/algo/test_micro_batch_weighting.py
+    cfg = _config(0, ranks=2, **{"ppo.micro_batch_weighting": "rows"})
     group = LearnerGroup(cfg)
     group.setup()
     rollout = PolicyRollout.remote(cfg)
     _, exp = _batch(rollout)
-    group.train(_with_targets(group, exp), num_mini_batches=1, seed=0)
+    metrics = group.train(_with_targets(group, exp), num_mini_batches=1, seed=0)
+    assert metrics["policy/grad_norm"] > 0 and metrics["critic/value_loss"] > 0
     group.save_state(str(tmp_path / "state"))
     saved = group.policy_state()
     group.export_hf(str(tmp_path / "hf"))

@@ -107,3 +107,25 @@ def test_stale_originals_loss_is_behaviour_weighted_rewrites_are_not() -> None:
     rewrite_ratio = math.exp(-0.9) / (math.exp(-1.0) + 1e-6)
     terms = [1.2 * w[0], 1.0 * w[1], 0.8 * -w[2], rewrite_ratio * 2.0]
     assert float(loss) == pytest.approx(-sum(terms) / 4, abs=1e-6)
+
+
+
+@pytest.mark.parametrize(("on_missing", "expected"), [
+    ("zero", [[2, 0, 1], [0, 0, 1], [1, 4, 1], [-1, 0, 1], [3, 0, 1]]),
+    # personalization: prompt 1's present mean (4); prompt 0 has none, so 0
+    ("renormalize", [[2, 0, 1], [0, 0, 1], [1, 4, 1], [-1, 4, 1], [3, 4, 1]]),
+    # a row missing any dimension has no scalar reward (0): every dimension 0
+    ("none", [[0, 0, 0], [0, 0, 0], [1, 4, 1], [0, 0, 0], [0, 0, 0]]),
+])
+def test_dimension_scores_count_a_missing_score_as_on_missing_says(
+        on_missing: str, expected: list[list[float]]) -> None:
+    s = _samples()
+    s.answers.items[2].judgement.judgement.scores["personalization"] = 4.0
+    assert compute.dimension_scores(load_config(None, []), s) is None  # weighted_sum
+    cfg = load_config(None, ["ppo.reward_aggregation=per_dimension", f"grm.on_missing={on_missing}",
+                             "ppo.advantage_estimator=grpo", "rollout.n_samples_per_prompt=2"])
+    dims = compute.dimension_scores(cfg, s)
+    assert dims is not None and dims.names == ("helpfulness", "personalization", "naturalness")
+    # rows: the 4 answers, then the kept rewrite (on prompt 1), as rewards_and_groups
+    assert dims.scores.tolist() == expected
+    assert dims.weights.tolist() == pytest.approx([0.35, 0.40, 0.25])

@@ -290,3 +290,26 @@ def test_a_checkpoint_with_a_pickled_batch_in_flight_is_refused_in_one_line(tmp_
         schedule.restore(tmp_path)
     schedule.restore(None)
     assert schedule.ahead == {}
+
+
+@pytest.mark.slow
+def test_rollout_correction_trains_and_logs_its_metrics(tmp_path) -> None:
+    """Two one-step off-policy steps under the tis_mis preset: the learner weighs every
+    original (the stale one too, in place of the staleness weights) and logs the weights."""
+    from cpe_ray.run import train
+
+    cfg = load_config(None, [*SMALL, f"run.output_dir={tmp_path}", "run.name=corrected",
+                             "trainer.max_steps=2", "trainer.off_policy_steps=1",
+                             "ppo.rollout_correction.preset=tis_mis"])
+    train(cfg, progress=False)
+    lines = [json.loads(x) for x in
+             (tmp_path / "corrected" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    for m in lines:
+        assert 0 < m["rollout_correction/weight_mean"] <= m["rollout_correction/weight_max"] <= 2
+        assert 0 < m["rollout_correction/ess"] <= 1
+        assert 0 <= m["rollout_correction/masked_frac"] < 0.5
+        assert 0 <= m["rollout_correction/mismatch_kl"] < 0.05
+        assert "off_policy/weight_mean" not in m  # folded into the learner's correction
+    # fresh: the engine and the learner score alike (float32 on a CPU)
+    assert lines[0]["rollout_correction/mismatch_kl"] < 1e-5

@@ -150,7 +150,7 @@ def test_killed_actor_is_restarted_and_the_run_ends_as_if_never_killed(
 
 def test_past_max_restarts_the_run_ends_with_one_line_and_its_checkpoint_intact(
         tmp_path) -> None:
-    from cpe_ray.runs import verify_checkpoint
+    from cpe_ray.runs.checkpoints import verify_checkpoint
 
     run_dir = tmp_path / "limit"
     proc = train(tmp_path, "limit", "trainer.max_restarts=0")

@@ -93,3 +93,21 @@ def test_dead_engines_come_back_in_their_bundles_and_work_as_before() -> None:
             sup.recover(err.value, 5, time.perf_counter())
     finally:
         rt.shutdown()
+
+
+def test_an_actor_that_dies_in_init_during_a_restart_is_named_by_what_init_raised() -> None:
+    """Ray's text for it is the creation task's traceback ("... because of an error raised in
+    its creation task, ray::..."); the restart line takes `wait_all`'s last line of it."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from cpe_ray.runtime.recovery import _cause
+    from cpe_ray.runtime.remote import RemoteError
+
+    trace = ("Traceback (most recent call last):\n  File \"rollout.py\", line 9, in __init__\n"
+             "cpe_ray.errors.TemplateError: prompt template 'x' not found")
+    died = ActorDiedError(RayTaskError("PolicyRollout.__init__", trace, ValueError("x")))
+    assert died.actor_init_failed
+    err = RemoteError("engine restart: rollout engine 0 died during start-up: TemplateError: "
+                      "prompt template 'x' not found", "rollout engine 0", died=True)
+    err.__cause__ = died
+    assert _cause(err) == "during start-up: TemplateError: prompt template 'x' not found"

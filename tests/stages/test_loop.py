@@ -40,7 +40,7 @@ def test_sft_then_one_ppo_step_from_its_policy(tmp_path, capsys) -> None:
     from cpe_ray.cli import main
     from cpe_ray.models import resolve_model_path
     from cpe_ray.run import train
-    from cpe_ray.runs import checkpoints
+    from cpe_ray.runs.checkpoints import checkpoints
 
     overrides = [f"run.output_dir={tmp_path}", "sft.max_steps=2", "logging.wandb_mode=disabled"]
     assert main(["sft", *overrides]) == 0
@@ -78,7 +78,7 @@ def test_sft_then_one_ppo_step_from_its_policy(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_four_sft_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
-    from cpe_ray.runs import checkpoints
+    from cpe_ray.runs.checkpoints import checkpoints
     from cpe_ray.stages.sft import run_sft
 
     base = [f"run.output_dir={tmp_path}", "logging.wandb_mode=disabled", "sft.batch_size=4",

@@ -1,0 +1,174 @@
+"""The schema's sections of the other commands: `cpe-ray eval`, the supervised stages (`sft`,
+`grm collect` / `grm train`, `rm train`, their shared `StageTrainConfig`) and `serve-judge`.
+The docstring under each field is its help (`helptext.py`); `Config` in `schema.py` gathers
+these sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cpe_ray.config.schema_base import TINY_MODEL, ApiConfig, Frozen, _f
+
+
+@dataclass
+class EvalConfig(Frozen):
+    """`cpe-ray eval winrate | personafeedback | personamem` (cpe_ray/evaluation/)."""
+
+    output_dir: str = "outputs/eval"
+    """Each command writes <output_dir>/<command>/."""
+    model_path: str | None = None
+    """The evaluated model; null: policy.model_path. A checkpoint folder holding policy/ works."""
+    model_name: str | None = None
+    """The generator's name in the outputs; null: from the model path."""
+    prompts_path: str = "data/demo/eval.jsonl"
+    """The win-rate prompts: JSONL or verl parquet (the release's)."""
+    baseline_path: str | None = "data/demo/eval_baseline.jsonl"
+    """The baseline's answers: alpaca_eval format, or the release's generate_data_300.
+
+    The release's file holds (question, persona, response) records."""
+    answers_path: str | None = None
+    """Judge these answers (alpaca_eval format) instead of generating them; null: generate."""
+    limit: int | None = _f(None, ge=1)
+    """Evaluate only the first N prompts / cases / questions; null: all."""
+    max_new_tokens: int = _f(256, ge=1)
+    """Tokens of an evaluated answer at most."""
+    temperature: float = _f(0.0, ge=0)
+    """Sampling temperature of the evaluated answers (0: greedy)."""
+    max_prompt_tokens: int = _f(4096, ge=1)
+    """Tokens of an evaluation prompt at most; a longer one keeps its end (PersonaMem histories)."""
+    judge: str = _f("grm", choices=("grm", "openai", "hf", "length"))
+    """The pairwise judge: grm, openai, hf or length.
+
+    grm: the configured GRM's rewards; openai: eval.api; hf: eval.judge_model_path; length: the
+    longer answer (a sanity check)."""
+    judge_model_path: str | None = None
+    """judge=hf: a local judge model."""
+    judge_template: str = "pairwise_en.txt"
+    """The pairwise judge's prompt (a name in conf/prompts/ or a file path)."""
+    judge_max_new_tokens: int = _f(512, ge=1)
+    """Tokens of a pairwise verdict at most."""
+    judge_temperature: float = _f(0.0, ge=0)
+    """Sampling temperature of the pairwise judge (0: greedy)."""
+    max_parse_retries: int = _f(2, ge=0)
+    """Re-asks of a sampled judge whose verdict did not parse."""
+    both_orders: bool = True
+    """Judge (model, baseline) and (baseline, model): no position bias."""
+    score_answers: bool = True
+    """The GRM reward of every evaluated answer, for reward-vs-length plots."""
+    personafeedback_path: str = "data/demo/personafeedback"
+    """PersonaFeedback's root folder: the published layout or the release's eval/data."""
+    personafeedback_judge: str = _f("grm", choices=("grm", "pairwise"))
+    """grm: the GRM scores each answer alone; pairwise: eval.judge compares them."""
+    personamem_questions_path: str = "data/demo/personamem/questions.csv"
+    """PersonaMem's questions (CSV)."""
+    personamem_contexts_path: str = "data/demo/personamem/shared_contexts.jsonl"
+    """PersonaMem's shared contexts (JSONL)."""
+    personamem_answerer: str = _f("policy", choices=("policy", "openai"))
+    """Who answers PersonaMem: policy (the evaluated model) or openai (eval.api)."""
+    api: ApiConfig = field(default_factory=ApiConfig)
+    """The endpoint of judge=openai and personamem_answerer=openai."""
+
+
+@dataclass
+class StageTrainConfig(Frozen):
+    """What the supervised stages share (`cpe-ray sft`, `grm train`, `rm train`).
+
+    Ranks, ZeRO stage, offload, micro-batch size, gradient clipping and checkpointing come
+    from `learner`, the precision from `policy.dtype`. Each stage writes under
+    `run.output_dir/<name>/` in the layout of `cpe-ray train`.
+    """
+
+    name: str = "stage"
+    """The stage's run folder: run.output_dir/<name>."""
+    epochs: int = _f(1, ge=1)
+    """Passes over the training split."""
+    batch_size: int = _f(8, ge=1)
+    """Examples (conversations or pairs) per optimiser step."""
+    lr: float = _f(1e-3, gt=0)
+    """Learning rate: the tiny model's; a 7B SFT uses ~1e-5 (docs/stages.md)."""
+    schedule: str = _f("constant", choices=("constant", "cosine"))
+    """Learning rate after warm-up: constant, or cosine decay to 0."""
+    warmup_steps: int = _f(0, ge=0)
+    """Optimiser steps of linear learning-rate warm-up (0: none)."""
+    max_length: int = _f(1024, ge=2)
+    """Tokens per sequence; longer ones lose their end."""
+    max_steps: int | None = _f(None, ge=1)
+    """Optimiser steps at most; null: `epochs` passes over the training split."""
+    eval_fraction: float = _f(0.125, ge=0, le=0.5)
+    """Share of the records held out (by a seeded hash of each record)."""
+    eval_every: int = _f(0, ge=0)
+    """Steps between held-out evaluations (0: only at the end)."""
+    save_every: int = _f(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+    shuffle: bool = True
+    """Shuffle the training split each epoch (seeded by run.seed)."""
+    resume: str = "never"
+    """never, auto (the newest whole checkpoint) or a checkpoint path."""
+
+
+@dataclass
+class SFTConfig(StageTrainConfig):
+    """`cpe-ray sft`: stage 1, the policy fine-tuned on personalized conversations."""
+
+    name: str = "sft-tiny"
+    data_path: str = "data/demo/sft.jsonl"
+    """`load_sft` conversations (JSONL); the loss is on assistant turns."""
+
+
+@dataclass
+class DistillConfig(StageTrainConfig):
+    """`cpe-ray grm collect` (a teacher judges triples) and `grm train` (stage 2: GRM SFT)."""
+
+    name: str = "grm-tiny"
+    max_length: int = _f(2048, ge=2)
+    """Tokens per sequence; the rubric prompt alone is ~1000 tiny-model tokens."""
+    input_path: str = "data/demo/grm_inputs.jsonl"
+    """(persona, question, answer) triples for the teacher to judge (JSONL)."""
+    output_path: str = "outputs/grm-judgements.jsonl"
+    """The teacher's judgements (JSONL): appended to, so collection resumes."""
+    failures_path: str | None = None
+    """Inputs the teacher could not judge; null: <output_path without .jsonl>.failures.jsonl."""
+    api: ApiConfig = field(default_factory=ApiConfig)
+    """The teacher's endpoint."""
+    temperature: float = _f(0.0, ge=0)
+    """The teacher's sampling temperature."""
+    max_tokens: int = _f(1024, ge=1)
+    """Tokens of a teacher's judgement at most."""
+    model_path: str = TINY_MODEL
+    """The student GRM's starting model (the paper: Qwen2.5-14B-Instruct)."""
+    train_unparsed: bool = False
+    """Also train on teacher outputs parse_judgement rejects."""
+    eval_backend: str = _f("hf", choices=("hf", "vllm"))
+    """Engine that generates the student's outputs for the parse-share check: hf or vllm."""
+
+
+@dataclass
+class RMConfig(StageTrainConfig):
+    """`cpe-ray rm train`: a Bradley-Terry reward model (scalar head) on chosen/rejected pairs."""
+
+    name: str = "rm-tiny"
+    eval_fraction: float = _f(0.25, ge=0, le=0.5)
+    data_path: str = "data/demo/pairwise.jsonl"
+    """Pairwise JSONL (chosen / rejected), or a PersonaFeedback root."""
+    model_path: str | None = None
+    """The reward model's starting model; null: policy.model_path, with a new scalar head."""
+
+
+@dataclass
+class ServeConfig(Frozen):
+    """`cpe-ray serve-judge`: the configured judge (`grm.*`) behind an OpenAI-compatible
+    chat endpoint (cpe_ray/judges/serve.py)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; loopback: only this machine can reach the judge."""
+    port: int = _f(8000, ge=0, le=65535)
+    """TCP port; 0: any free port (the start line prints it)."""
+    model: str = "cpe-ray-judge"
+    """The model name clients send (grm.api.model, distill.api.model)."""
+    api_key_env: str | None = None
+    """Variable holding the key clients must send; null: any key (loopback hosts only)."""
+    max_batch: int = _f(16, ge=1)
+    """Queued requests judged in one call (one engine batch) at most."""
+    batch_wait_s: float = _f(0.01, ge=0)
+    """Seconds a request waits for others to join its batch."""
