@@ -145,7 +145,8 @@ class GRMConfig(Frozen):
     """Share of a step's judgements that may fail to parse before a warning.
 
     Past it for grm.parse_failure_patience steps in a row, the run stops; a step whose scores
-    all failed to parse stops the run before it is trained on."""
+    all failed to parse stops the run before it is trained on. 1 turns both checks off (a
+    GRM under test that writes no scores)."""
     parse_failure_patience: int = _f(3, ge=1)
     """Steps in a row over grm.max_parse_failure_frac that stop the run."""
     num_engines: int = _f(1, ge=1)

@@ -184,9 +184,11 @@ def reward_metrics(cfg: Config, s: Samples) -> dict[str, float]:
     return out
 
 
-def check_scored(s: Samples) -> None:
+def check_scored(cfg: Config, s: Samples) -> None:
     """A step whose scores all failed to parse has no reward to learn from: one line, before
-    anything is trained on it."""
+    anything is trained on it (unless grm.max_parse_failure_frac=1 accepts every failure)."""
+    if cfg.grm.max_parse_failure_frac >= 1:
+        return
     scored = [a.judgement for a in s.answers.items + list(s.rewrites.items.values())]
     if scored and not any(o.judgement.parsed for o in scored):
         raw = " ".join(scored[0].judgement.raw.split())[:120]

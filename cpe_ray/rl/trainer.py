@@ -77,7 +77,7 @@ class Trainer:
         with t("select"):
             kept = sampler.select(batch, answers, rewrites, seed)             # 3.5
         s = Samples(answers, critiques, rewrites, kept, t.seconds, originals)
-        compute.check_scored(s)
+        compute.check_scored(self.cfg, s)
         return s
 
     # --- 3.4, 3.7 and the step's record --------------------------------------------------------
