@@ -55,6 +55,13 @@ class PPOLearner(RankActor):
         return self.core.weights.broadcast(manifest)
 
     def push_weights_ipc(self, manifest: Manifest, engine: Any | None, tp: int) -> SyncStats:
+        if manifest.adapter is not None:  # a LoRA adapter is small: by value, not by handle
+            def load_adapter(*args):
+                ray.get(engine.load_adapter.remote(*args))
+
+            return self.core.weights.push_adapter(
+                manifest, load_adapter if engine is not None else None)
+
         def load(handles, bucket):
             ray.get(engine.load_ipc.remote(handles, bucket))
 

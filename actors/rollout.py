@@ -140,6 +140,9 @@ class PolicyRollout:
     def load_ipc(self, handles: dict, bucket) -> None:
         self.engine.load_ipc(handles, bucket)
 
+    def load_adapter(self, version: int, peft_config: dict, named_tensors: list) -> None:
+        self.engine.load_adapter(version, peft_config, named_tensors)
+
     def sleep(self) -> None:
         self.engine.sleep()
 

@@ -144,4 +144,7 @@ def accepts(model: Any, argument: str) -> bool:
     """Whether the model's forward takes `argument` (`logits_to_keep`, `past_key_values`)."""
     import inspect
 
-    return argument in inspect.signature(unwrap(model).forward).parameters
+    module = unwrap(model)
+    if hasattr(module, "get_base_model"):  # peft (LoRA): its forward passes them through
+        module = module.get_base_model()
+    return argument in inspect.signature(module.forward).parameters

@@ -28,6 +28,7 @@ from cpe_ray.config.schema import (
     GRMConfig,
     LearnerConfig,
     LoggingConfig,
+    LoraConfig,
     PolicyConfig,
     PostEditConfig,
     PPOConfig,
@@ -38,6 +39,7 @@ from cpe_ray.config.schema import (
     SFTConfig,
     StageTrainConfig,
     TrainerConfig,
+    lora_enabled,
 )
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "GRM_API_CONCURRENCY",
     "LearnerConfig",
     "LoggingConfig",
+    "LoraConfig",
     "PPOConfig",
     "PolicyConfig",
     "PostEditConfig",
@@ -67,6 +70,7 @@ __all__ = [
     "config_to_yaml",
     "flat_items",
     "load_config",
+    "lora_enabled",
     "save_config",
     "schema_help",
     "validate",

@@ -55,6 +55,7 @@ __all__ = [
     "GRM_RETRY_TEMPERATURE",
     "LearnerConfig",
     "LoggingConfig",
+    "LoraConfig",
     "MAX_RECORD_BYTES",
     "PPOConfig",
     "PolicyConfig",
@@ -70,6 +71,7 @@ __all__ = [
     "StageTrainConfig",
     "TINY_MODEL",
     "TrainerConfig",
+    "lora_enabled",
 ]
 
 # vLLM's KV cache on a CPU when *.kv_cache_memory_bytes is unset: 256 MiB holds about 5,700
@@ -145,6 +147,28 @@ class ClusterConfig(Frozen):
 
 
 @dataclass
+class LoraConfig(Frozen):
+    """A LoRA adapter (peft) trained in place of the policy's weights (rank 0: off).
+
+    The learner trains the adapter (only its tensors reach the optimiser and the engines), the
+    reference is the base with the adapter off, and each checkpoint's policy/ is the merged
+    model with the adapter in peft's layout beside it (adapter/). The supervised stages (sft,
+    grm train, rm train) train an adapter of this shape too. ZeRO stages 0 to 3."""
+
+    rank: int = _f(0, ge=0)
+    """The adapter's rank r (0: off, every weight trains)."""
+    alpha: float = _f(16.0, gt=0)
+    """LoRA's alpha: the update is scaled by alpha / rank."""
+    dropout: float = _f(0.0, ge=0, le=1)
+    """Dropout on the adapter's input while training."""
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get an adapter (peft's target_modules)."""
+    critic: bool = False
+    """The critic trains an adapter of its own too (and its new value head); false: all of it."""
+
+
+@dataclass
 class PolicyConfig(Frozen):
     """The policy model being trained (and, by default, the model every stage starts from)."""
 
@@ -162,6 +186,8 @@ class PolicyConfig(Frozen):
     """Let transformers run a model repository's own code.
 
     Shared: also for the GRM, the Bradley-Terry scorer and evaluation models."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train a LoRA adapter instead of the whole policy (rank 0: off)."""
 
 
 @dataclass
@@ -322,3 +348,8 @@ class Config(Frozen):
     """`cpe-ray rm train`: a Bradley-Terry reward model (the PPO-with-BT ablation)."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`cpe-ray serve-judge`: the configured judge behind an OpenAI-compatible endpoint."""
+
+
+def lora_enabled(cfg: Config) -> bool:
+    """Whether the policy trains a LoRA adapter (policy.lora.rank > 0)."""
+    return cfg.policy.lora.rank > 0

@@ -10,9 +10,9 @@ load the tensors they receive. Everything here is plain data so that it crosses 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -88,12 +88,20 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
+    def load_adapter(self, version: int, peft_config: Mapping[str, Any],
+                     named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Hold LoRA adapter `version` (`peft_config`: `LoraConfig.to_dict()`; tensors named
+        as `get_peft_model_state_dict` names them) beside the untouched base, and generate
+        with it until a newer one comes; older versions beyond the engine's count are dropped."""
+        ...
+
     def join_weight_group(self, spec: GroupSpec, first_rank: int) -> None:
         """Join the sync group; this engine's ranks are first_rank .. first_rank+sync_ranks-1."""
         ...
 
     def receive_weights(self, manifest: Manifest) -> SyncStats:
-        """Receive every bucket of `manifest` from rank 0 and load it."""
+        """Receive every bucket of `manifest` from rank 0 and load it: into the model, or, when
+        the manifest carries an adapter, as adapter version `manifest.version`."""
         ...
 
     def sleep(self) -> None: ...

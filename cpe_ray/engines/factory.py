@@ -23,7 +23,7 @@ def make_engine(
         return HFEngine(
             spec.model_path, dtype=spec.dtype, device=None if spec.use_gpu else "cpu",
             max_batch_rows=spec.max_batch_rows, trust_remote_code=spec.trust_remote_code,
-            logprobs_mode=spec.logprobs_mode,
+            logprobs_mode=spec.logprobs_mode, adapter_versions=spec.adapter_versions,
         )
     if spec.backend == "vllm":
         from cpe_ray.engines.vllm import VLLMEngine
@@ -37,6 +37,7 @@ def make_engine(
             max_model_len=spec.max_model_len, enable_sleep=spec.enable_sleep, seed=spec.seed,
             bundle_indices=bundle_indices, gpu_fraction=gpu_fraction, use_gpu=spec.use_gpu,
             kv_cache_memory_bytes=kv_bytes if kv_bytes or spec.use_gpu else CPU_KV_CACHE_BYTES,
-            logprobs_mode=spec.logprobs_mode,
+            logprobs_mode=spec.logprobs_mode, lora_rank=spec.lora_rank,
+            adapter_versions=spec.adapter_versions,
         )
     raise ValueError(f"unknown engine backend {spec.backend!r}")

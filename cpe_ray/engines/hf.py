@@ -6,6 +6,10 @@ step with the model's cache; each sampled token's log-prob is taken under the di
 it was sampled from (temperature, then top-p, renormalised: `logprobs_mode="processed"`, vLLM's
 `processed_logprobs`) or under the model's own (`"raw"`: log_softmax of the logits, vLLM's
 `raw_logprobs`). Rows stop at an EOS / stop token, which is kept.
+
+A LoRA policy's syncs carry only its adapter: the engine wraps its model with peft at the
+first one and keeps the newest `adapter_versions` versions as peft adapters beside the base,
+generating with the newest (adapters.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from cpe_ray.config.choices import LOGPROBS_MODES
+from cpe_ray.engines.adapters import AdapterVersions, adapter_name
 from cpe_ray.engines.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -75,6 +80,7 @@ class HFEngine:
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         trust_remote_code: bool = False,
         logprobs_mode: str = "processed",
+        adapter_versions: int = 1,
     ) -> None:
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode {logprobs_mode!r} is not one of {LOGPROBS_MODES}")
@@ -89,7 +95,8 @@ class HFEngine:
         self._params = dict(self.model.named_parameters())
         self._group: SyncGroup | None = None
         self._adopted: list[torch.Tensor] | None = None
-        self._adopted_for: Manifest | None = None
+        self._adopted_for: tuple[Bucket, ...] | None = None  # the buckets, not the version
+        self._adapters = AdapterVersions(adapter_versions)
         self._asleep = False
 
     def info(self) -> EngineInfo:
@@ -189,17 +196,48 @@ class HFEngine:
                 raise KeyError(f"HF engine has no parameter {name!r} (model {self.model_path})")
             param.copy_(tensor)
 
+    @torch.no_grad()
+    def load_adapter(self, version: int, peft_config: Mapping[str, Any],
+                     named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Hold adapter `version` (tensors named as `get_peft_model_state_dict` names them)
+        beside the untouched base, and generate with it from now on."""
+        from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+        config = LoraConfig.from_peft_type(**{**peft_config, "inference_mode": True})
+        name = adapter_name(version)
+        dropped = self._adapters.admit(version)
+        if not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, config, adapter_name=name)
+        elif name not in self.model.peft_config:
+            self.model.add_adapter(name, config)
+        result = set_peft_model_state_dict(self.model, dict(named_tensors), adapter_name=name)
+        if result.unexpected_keys:
+            raise KeyError(f"adapter v{version} has tensors the model lacks: "
+                           f"{result.unexpected_keys[:3]} (model {self.model_path})")
+        self.model.set_adapter(name)
+        for old in dropped:
+            if old != version:
+                self.model.delete_adapter(adapter_name(old))
+        self.model.eval()
+
     def join_weight_group(self, spec: GroupSpec, first_rank: int) -> None:
         self._group = SyncGroup(spec, first_rank, self.device)
 
     def receive_weights(self, manifest: Manifest) -> SyncStats:
         """In place when the manifest matches this model (the parameters then live in the
-        bucket buffers and a received bucket needs no copy), else unpack and load."""
+        bucket buffers and a received bucket needs no copy), else unpack and load; a LoRA
+        manifest's tensors become adapter version `manifest.version`."""
         if self._group is None:
             raise RuntimeError("receive_weights before join_weight_group")
-        if self._adopted_for != manifest:
+        if manifest.adapter is not None:
+            received: list[tuple[str, torch.Tensor]] = []
+            stats = receive_buckets(self._group, manifest, lambda named: received.extend(
+                (n, t.clone()) for n, t in named))  # views into the staging buffers
+            self.load_adapter(manifest.version, manifest.adapter, received)
+            return stats
+        if self._adopted_for != manifest.buckets:
             self._adopted = adopt_buckets(self._params, manifest, self.device)
-            self._adopted_for = manifest
+            self._adopted_for = manifest.buckets
         if self._adopted is not None:
             return receive_into(self._group, manifest, self._adopted)
         return receive_buckets(self._group, manifest, self.load_weights)

@@ -31,6 +31,10 @@ class EngineSpec:
     kv_cache_memory_bytes: int | None = None
     # which log-probs a sampled token carries: "processed" or "raw" (rollout.logprobs_mode)
     logprobs_mode: str = "processed"
+    # LoRA: the adapters' rank (0: no adapters, full weights are synced) and how many adapter
+    # versions an engine holds (`trainer.off_policy_steps + 1`: in-flight work keeps its own)
+    lora_rank: int = 0
+    adapter_versions: int = 1
 
     @classmethod
     def for_policy(cls, cfg: Config, engine_index: int = 0) -> EngineSpec:
@@ -47,6 +51,8 @@ class EngineSpec:
             enable_sleep=r.enable_sleep, max_batch_rows=r.max_batch_rows,
             trust_remote_code=cfg.policy.trust_remote_code,
             kv_cache_memory_bytes=r.kv_cache_memory_bytes, logprobs_mode=r.logprobs_mode,
+            lora_rank=cfg.policy.lora.rank,
+            adapter_versions=cfg.trainer.off_policy_steps + 1,
         )
 
     @classmethod

@@ -18,6 +18,13 @@ around several calls), after `sleep()` at level 2 (weights and KV cache discarde
   6. `reset_prefix_cache()`: cached prefixes were computed with the old weights.
 Awake engines run steps 2-4 (report only) and 6.
 
+LoRA (`lora_rank > 0`): vLLM serves the base with adapters beside it (`enable_lora`). A sync of
+a LoRA policy carries only the adapter; the workers receive it and rank 0 writes it as a
+folder on tmpfs (/dev/shm: vLLM loads adapters from a path, adapters.py), then the engine
+loads it as `LoRARequest("policy-v{version}", version, folder)`, keeps the newest
+`adapter_versions` and generates with the newest. The base weights are never touched, and
+sleep mode offloads them (level 1) instead of discarding them.
+
 On a CPU (`use_gpu=False`) the KV cache is sized in bytes (`kv_cache_memory_bytes`: vLLM's CPU
 worker would otherwise reserve `gpu_memory_utilization` of the machine's memory), the engine
 runs eagerly (no torch.compile warm-up) and sleep mode, which vLLM supports on CUDA only, is
@@ -36,6 +43,7 @@ from typing import Any
 
 import torch
 
+from cpe_ray.engines.adapters import VLLMAdapters
 from cpe_ray.engines.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -70,6 +78,7 @@ MISSING_VLLM = (
     "the vllm backend needs vLLM: on GPUs pip install -e '.[vllm]', on a CPU "
     "bash launch/install.sh --vllm (or set rollout.backend=hf / grm.backend=hf)"
 )
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
 # vLLM's engine core in this process: the engine actor is a process of its own already, and
 # collective_rpc then reaches the worker by a call, not through a socket (vllm/envs.py)
 IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -89,8 +98,11 @@ def llm_kwargs(
     kv_cache_memory_bytes: int | None = None,
     chunked_prefill: bool = True,
     logprobs_mode: str = "processed",
+    lora_rank: int = 0,
+    max_loras: int = 1,
 ) -> dict[str, Any]:
-    """Arguments to `vllm.LLM`, validated with one-line ConfigErrors."""
+    """Arguments to `vllm.LLM`, validated with one-line ConfigErrors. `lora_rank` > 0 serves
+    up to `max_loras` adapters of that rank at once."""
     if tensor_parallel_size < 1:
         raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if dtype not in DTYPES:
@@ -125,10 +137,21 @@ def llm_kwargs(
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     if not chunked_prefill:
         kwargs["enable_chunked_prefill"] = False
+    if lora_rank > 0:
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank),
+                      max_loras=max_loras)
     if tensor_parallel_size > 1:
         # With one GPU vLLM runs its worker in-process ("uni") on the GPU Ray gave our actor.
         kwargs["distributed_executor_backend"] = RAY_EXECUTOR
     return kwargs
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as `max_lora_rank` that fits an adapter of `rank`."""
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if rank < 1 or not fitting:
+        raise ConfigError(f"vLLM serves LoRA ranks 1 to {VLLM_LORA_RANKS[-1]}, got {rank}")
+    return fitting[0]
 
 
 def ray_env(
@@ -254,9 +277,13 @@ class VLLMEngine:
         use_gpu: bool = True,
         kv_cache_memory_bytes: int | None = None,
         logprobs_mode: str = "processed",
+        lora_rank: int = 0,
+        adapter_versions: int = 1,
     ) -> None:
         if sleep_level not in (SLEEP_LEVEL_OFFLOAD, SLEEP_LEVEL_DISCARD):
             raise ConfigError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if lora_rank > 0:  # adapter syncs never resend the base: it must survive a sleep
+            sleep_level = SLEEP_LEVEL_OFFLOAD
         if enable_sleep and not use_gpu:
             raise ConfigError("vLLM's sleep mode is CUDA-only: enable_sleep needs use_gpu")
         if not use_gpu:
@@ -278,6 +305,8 @@ class VLLMEngine:
             # larger than one step's token budget. Whole prompts per step avoid the rewind.
             chunked_prefill=use_gpu,
             logprobs_mode=logprobs_mode,
+            lora_rank=lora_rank,
+            max_loras=adapter_versions,
         )
         env = ray_env(bundle_indices, gpu_fraction, tensor_parallel_size)
         for key, value in IN_PROCESS_ENV.items():
@@ -292,6 +321,7 @@ class VLLMEngine:
         self._sleeping: set[str] = set()  # tags still asleep
         self._weights_discarded = False  # level-2 sleep since the last complete load
         self._updating = False
+        self._adapters = VLLMAdapters(self._llm, adapter_versions) if lora_rank > 0 else None
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -317,7 +347,8 @@ class VLLMEngine:
         sampling = [
             vllm.SamplingParams(**to_vllm_sampling_kwargs(params, i)) for i in range(len(prompts))
         ]
-        outputs = self._llm.generate(prompts, sampling, use_tqdm=False)
+        adapter = None if self._adapters is None else self._adapters.request
+        outputs = self._llm.generate(prompts, sampling, use_tqdm=False, lora_request=adapter)
         n = 1 if params.greedy else params.n  # what to_vllm_sampling_kwargs asked for
         completions = completions_from_outputs(outputs, n)
         if n != params.n:
@@ -374,6 +405,18 @@ class VLLMEngine:
             if chunk:
                 self._llm.collective_rpc("cpe_load_tensors", args=(encode_tensors(chunk),))
 
+    def load_adapter(self, version: int, peft_config: Mapping[str, Any],
+                     named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Direct path: write adapter `version` to its tmpfs folder and load it."""
+        served = self._served()
+        self.wake()  # a LoRA engine sleeps at level 1: its base comes back as it was
+        served.load(version, peft_config, named_tensors)
+
+    def _served(self) -> VLLMAdapters:
+        if self._adapters is None:
+            raise ConfigError("this vLLM engine serves no adapters: build it with lora_rank > 0")
+        return self._adapters
+
     def load_ipc(self, handles: Mapping[str, Any], bucket: Bucket) -> None:
         """Load one packed bucket shared by `share_cuda`; `handles` maps GPU UUID to handle.
 
@@ -389,6 +432,14 @@ class VLLMEngine:
 
     def receive_weights(self, manifest: Manifest) -> SyncStats:
         start = time.perf_counter()
+        if manifest.adapter is not None:  # the base stays as it is: no reload
+            path = self._served().admit(manifest.version)
+            self.wake()
+            results = self._llm.collective_rpc("cpe_receive_adapter",
+                                               args=(manifest.to_dict(), path))
+            self._adapters.add(manifest.version, path)
+            return SyncStats(int(results[0]["buckets"]), int(results[0]["bytes"]),
+                             time.perf_counter() - start)
         with self.weight_update():
             results = self._llm.collective_rpc("cpe_receive_weights", args=(manifest.to_dict(),))
         return SyncStats(

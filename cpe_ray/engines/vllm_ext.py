@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cpe_ray.engines.adapters import write_adapter
 from cpe_ray.engines.vllm_reload import LayerwiseLoader
 from cpe_ray.weight_sync.codec import (
     Manifest,
@@ -52,14 +53,21 @@ class WeightSyncExtension:
 
     def cpe_receive_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Receive and load every bucket of `manifest` from rank 0; returns SyncStats as a dict."""
-        group = getattr(self, "_cpe_group", None)
-        if group is None:
-            raise WeightSyncError(
-                f"vLLM worker rank {self.rank} has no weight-sync group; join_weight_group first"
-            )
         loader = self._cpe_loader()
-        stats = receive_buckets(group, Manifest.from_dict(manifest), loader.load_borrowed)
+        stats = receive_buckets(self._cpe_sync_group(), Manifest.from_dict(manifest),
+                                loader.load_borrowed)
         synchronize(self.device)
+        return {"buckets": stats.buckets, "bytes": stats.bytes, "seconds": stats.seconds}
+
+    def cpe_receive_adapter(self, manifest: dict[str, Any], path: str) -> dict[str, Any]:
+        """Receive a LoRA adapter's buckets; rank 0 writes the adapter to folder `path` (on
+        tmpfs, on this node), from which the engine then loads it. The base is not touched."""
+        received: list[tuple[str, torch.Tensor]] = []
+        plan = Manifest.from_dict(manifest)
+        stats = receive_buckets(self._cpe_sync_group(), plan, lambda named: received.extend(
+            (n, t.clone()) for n, t in named))  # views into the staging buffers
+        if self.rank == 0:
+            write_adapter(path, manifest["adapter"], received)
         return {"buckets": stats.buckets, "bytes": stats.bytes, "seconds": stats.seconds}
 
     def cpe_load_ipc(self, handles: dict[str, bytes], manifest_bucket: dict[str, Any]) -> int:
@@ -112,6 +120,14 @@ class WeightSyncExtension:
         """{name: [shape, dtype]} of the model's parameters, to debug manifest name mismatches."""
         model = self.model_runner.get_model()
         return {n: [list(p.shape), dtype_name(p.dtype)] for n, p in model.named_parameters()}
+
+    def _cpe_sync_group(self) -> SyncGroup:
+        group = getattr(self, "_cpe_group", None)
+        if group is None:
+            raise WeightSyncError(
+                f"vLLM worker rank {self.rank} has no weight-sync group; join_weight_group first"
+            )
+        return group
 
     def _cpe_loader(self) -> LayerwiseLoader:
         loader = getattr(self, "_cpe_layerwise", None)

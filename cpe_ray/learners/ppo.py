@@ -39,7 +39,8 @@ from cpe_ray.algo.tensors import (
     logprobs_from_logits,
     masked_mean,
 )
-from cpe_ray.config import Config
+from cpe_ray.config import Config, lora_enabled
+from cpe_ray.learners import lora
 from cpe_ray.learners.ds_config import eval_config, train_config
 from cpe_ray.learners.forward import ResponseForward, micro_order
 from cpe_ray.models import (
@@ -163,19 +164,30 @@ def gathered_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict[str,
 
 
 def export_hf_model(module: torch.nn.Module, tokenizer: Any, zero3: bool, rank: int,
-                    path: str) -> None:
-    """`module` as a Hugging Face directory with its tokenizer: rank 0 writes, all call."""
+                    path: str, base: Callable[[], torch.nn.Module]) -> None:
+    """`module` as a Hugging Face directory with its tokenizer: rank 0 writes, all call. A
+    peft module (LoRA) is written merged, its adapter beside it; `base()` loads its base."""
     state = gathered_state(module, zero3, rank)
-    if rank == 0:
+    if rank == 0 and lora.is_adapter(module):
+        lora.export_merged(module, state, base, tokenizer, path)
+    elif rank == 0:
         os.makedirs(path, exist_ok=True)
         module.save_pretrained(path, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(path)
 
 
+def save_engine_state(engine: Any, path: str, tag: str) -> None:
+    """Weights, optimiser and scheduler under `path` with `tag` (all ranks call); of a LoRA
+    model only what trains: its frozen base is the model it was loaded from."""
+    engine.save_checkpoint(path, tag=tag, save_latest=False,
+                           exclude_frozen_parameters=lora.is_adapter(engine.module))
+
+
 def load_engine_state(engine: Any, path: str, tag: str) -> None:
-    """Weights, optimiser and scheduler saved under `path` with `tag` (all ranks call)."""
+    """What `save_engine_state` saved under `path` with `tag` (all ranks call)."""
     loaded, _ = engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+                                       load_lr_scheduler_states=True,
+                                       load_module_strict=not lora.is_adapter(engine.module))
     if loaded is None:
         raise FileNotFoundError(f"no {tag} state under {path}")
 
@@ -212,17 +224,24 @@ class PPOLearnerCore:
         self.tokenizer = load_tokenizer(self.model_path, trust)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.zero3 = cfg.learner.zero_stage == 3
-        policy = load_causal_lm(self.model_path, cfg.policy.dtype, "cpu", trust)
+        policy = self._load_policy()
         if cfg.learner.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
+        if lora_enabled(cfg):
+            policy = lora.wrap(policy, cfg.policy.lora, lora.CAUSAL_LM)
         self.policy = self._init_trained(policy, cfg.learner.actor_lr)
         self.critic = None
         if ADVANTAGE_ESTIMATORS[cfg.ppo.advantage_estimator].needs_critic:
-            self.critic = self._init_trained(self._load_critic(), cfg.learner.critic_lr)
+            critic = self._load_critic()
+            if lora_enabled(cfg) and cfg.policy.lora.critic:
+                critic = lora.wrap(critic, cfg.policy.lora, lora.TOKEN_CLS)
+            self.critic = self._init_trained(critic, cfg.learner.critic_lr)
         self.ref = None
-        if cfg.learner.use_reference:
-            ref = load_causal_lm(self.model_path, cfg.policy.dtype, "cpu", trust).eval()
+        if cfg.learner.use_reference and lora_enabled(cfg):
+            self.ref = self.policy  # its base: the adapter off (compute_ref_logprobs)
+        elif cfg.learner.use_reference:
+            ref = self._load_policy().eval()
             ref.requires_grad_(False)
             conf = eval_config(cfg.learner, cfg.policy.dtype, world_size)
             self.ref = self._ds.initialize(model=ref, config=conf)[0] if self.zero3 else (
@@ -231,6 +250,8 @@ class PPOLearnerCore:
         self.policy_forward = ResponseForward(self.policy, share)
         self.critic_forward, self.ref_forward = (
             None if m is None else ResponseForward(m, share) for m in (self.critic, self.ref))
+        if self.ref is self.policy:
+            self.ref_forward = self.policy_forward
         # At ZeRO-0 in float32 DeepSpeed updates the parameters where they are (its fp16/bf16
         # optimizers and ZeRO-1/2 flatten them into buffers of their own, which adopting
         # would cut off from the updates): only then may they live in the sync buckets.
@@ -240,6 +261,10 @@ class PPOLearnerCore:
             adopt=cfg.learner.zero_stage == 0 and cfg.policy.dtype == "float32")
 
     # --- construction -------------------------------------------------------------------
+    def _load_policy(self) -> torch.nn.Module:
+        return load_causal_lm(self.model_path, self.cfg.policy.dtype, "cpu",
+                              self.cfg.policy.trust_remote_code)
+
     def _load_critic(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForTokenClassification
 
@@ -314,8 +339,13 @@ class PPOLearnerCore:
     def compute_ref_logprobs(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.ref is None:
             raise RuntimeError("learner.use_reference is off: no reference model")
-        return self._per_row(exp, num_micro, lambda m: logprobs_from_logits(
-            self._policy_logits(self.ref_forward, m), m.responses))
+        if self.ref is not self.policy:
+            return self._per_row(exp, num_micro, lambda m: logprobs_from_logits(
+                self._policy_logits(self.ref_forward, m), m.responses))
+        self.policy.eval()  # LoRA's reference: the policy's base, its adapter (and dropout) off
+        with self.policy.module.disable_adapter():
+            return self._per_row(exp, num_micro, lambda m: logprobs_from_logits(
+                self._policy_logits(self.ref_forward, m), m.responses))
 
     def compute_values(self, exp: Experience, num_micro: int) -> torch.Tensor:
         if self.critic is None:
@@ -455,18 +485,24 @@ class PPOLearnerCore:
     # --- state ------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:
         """Full training state (weights, optimiser, scheduler) under `path`; all ranks call."""
-        self.policy.save_checkpoint(path, tag=POLICY_TAG, save_latest=False)
+        save_engine_state(self.policy, path, POLICY_TAG)
         if self.critic is not None:
-            self.critic.save_checkpoint(path, tag=CRITIC_TAG, save_latest=False)
+            save_engine_state(self.critic, path, CRITIC_TAG)
+        if lora_enabled(self.cfg):
+            lora.save_rng(path, self.rank)
 
     def load_state(self, path: str) -> None:
         for engine, tag in ((self.policy, POLICY_TAG), (self.critic, CRITIC_TAG)):
             if engine is not None:
                 load_engine_state(engine, path, tag)
+        if lora_enabled(self.cfg):
+            lora.load_rng(path, self.rank)
 
     def export_hf(self, path: str) -> None:
-        """The policy as a Hugging Face model directory (rank 0 writes; all ranks call)."""
-        export_hf_model(self.policy.module, self.tokenizer, self.zero3, self.rank, path)
+        """The policy as a Hugging Face model directory (rank 0 writes; all ranks call): with
+        LoRA the merged model, its adapter beside it (`lora.adapter_dir`)."""
+        export_hf_model(self.policy.module, self.tokenizer, self.zero3, self.rank, path,
+                        self._load_policy)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Full policy weights on rank 0 (others get {}): for tests and small models."""

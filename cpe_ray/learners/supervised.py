@@ -25,13 +25,15 @@ import torch
 from cpe_ray.algo.experience import split_even
 from cpe_ray.algo.losses import bradley_terry_loss, sft_loss
 from cpe_ray.algo.tensors import logprobs_from_logits, masked_mean
-from cpe_ray.config import Config
+from cpe_ray.config import Config, lora_enabled
+from cpe_ray.learners import lora
 from cpe_ray.learners.ppo import (
     MetricSums,
     export_hf_model,
     gathered_state,
     init_trained_engine,
     load_engine_state,
+    save_engine_state,
     step_and_report,
 )
 from cpe_ray.models import load_causal_lm, load_tokenizer, torch_dtype
@@ -130,9 +132,17 @@ class SupervisedCore:
         self.tokenizer = load_tokenizer(spec.model_path, self.trust)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.zero3 = cfg.learner.zero_stage == 3
-        self.engine = init_trained_engine(cfg, self._load(), spec.lr, world, spec.lr_factor)
+        model = self._load()
+        if cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        if lora_enabled(cfg):
+            task = lora.CAUSAL_LM if spec.task == "sft" else lora.SEQ_CLS
+            model = lora.wrap(model, cfg.policy.lora, task)
+        self.engine = init_trained_engine(cfg, model, spec.lr, world, spec.lr_factor)
 
     def _load(self) -> torch.nn.Module:
+        """The starting model (its new scalar head seeded by the caller's seed)."""
         if self.spec.task == "sft":
             model = load_causal_lm(self.spec.model_path, self.cfg.policy.dtype, "cpu", self.trust)
         else:
@@ -144,9 +154,6 @@ class SupervisedCore:
             model = AutoModelForSequenceClassification.from_pretrained(
                 self.spec.model_path, config=conf, dtype=torch_dtype(self.cfg.policy.dtype),
                 trust_remote_code=self.trust)
-        if self.cfg.learner.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
         return model
 
     # --- losses -----------------------------------------------------------------------------
@@ -225,18 +232,24 @@ class SupervisedCore:
     # --- state --------------------------------------------------------------------------------
     def save_state(self, path: str) -> None:
         """Weights, optimiser and scheduler under `path` (all ranks call)."""
-        self.engine.save_checkpoint(path, tag=STATE_TAG, save_latest=False)
+        save_engine_state(self.engine, path, STATE_TAG)
+        if lora_enabled(self.cfg):
+            lora.save_rng(path, self.rank)
 
     def load_state(self, path: str) -> None:
         load_engine_state(self.engine, path, STATE_TAG)
+        if lora_enabled(self.cfg):
+            lora.load_rng(path, self.rank)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (others get {}): for tests and small models."""
         return gathered_state(self.engine.module, self.zero3, self.rank)
 
     def export_hf(self, path: str) -> None:
-        """The model as a Hugging Face directory with its tokenizer (rank 0 writes)."""
-        export_hf_model(self.engine.module, self.tokenizer, self.zero3, self.rank, path)
+        """The model as a Hugging Face directory with its tokenizer (rank 0 writes); with LoRA
+        merged, its adapter beside it."""
+        export_hf_model(self.engine.module, self.tokenizer, self.zero3, self.rank, path,
+                        self._load)
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "device": str(self.device),

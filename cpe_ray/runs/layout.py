@@ -4,7 +4,7 @@
 
     <run.output_dir>/<name>/config.yaml, metrics.jsonl, samples.jsonl, wandb/
     <run.output_dir>/<name>/checkpoints/step-N/{<model dir> (HF), state/, trainer_state.json,
-                                                manifest.json}
+                                                manifest.json, adapter/ (LoRA runs)}
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ MANIFEST = "manifest.json"  # written last: a checkpoint without one is not whol
 MANIFEST_FORMAT = 1
 STATE_DIR = "state"  # the full training state (DeepSpeed's files) inside a checkpoint
 POLICY_DIR = "policy"  # the HF policy inside a checkpoint (`policy.model_path` takes it)
+ADAPTER_DIR = "adapter"  # with LoRA, beside the (merged) model: the adapter in peft's layout
 TMP_INFIX = ".tmp-"  # `.step-N.tmp-<id>`: a checkpoint being written
 OLD_INFIX = ".old-"  # `.step-N.old-<id>`: a checkpoint being replaced by a new one
 # What a run writes into its directory (config.yaml aside): what `run.overwrite` removes.

@@ -1,13 +1,16 @@
 """`LearnerGroup`: the driver's handle on the PPO learner's ranks (`actors.learner.PPOLearner`).
 
 It cuts batches into equal shards and micro-batch counts, reduces metrics, and runs weight
-syncs against the rollout engines with a bounded wait that names a failing peer.
+syncs against the rollout engines with a bounded wait that names a failing peer. Each sync is
+numbered (the manifest's `version`: 1, 2, ...), so that engines serving a LoRA policy's
+adapters keep the versions apart.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ class LearnerGroup(RankGroup):
         self._engines: list[Any] = []
         self._engine_labels: list[str] = []
         self.zero_copy_send = False  # rank 0's parameters live in the bucket buffers
+        self._syncs = 0  # syncs begun: the next one's version is one more, never reused
         # Called with the RemoteError of an engine that died during a sync: it starts the
         # engine again and calls connect_engines, or raises (cpe_ray.runtime.recovery)
         self.engine_recovery: Callable[[RemoteError], None] | None = None
@@ -154,19 +158,22 @@ class LearnerGroup(RankGroup):
     def _sync_once(self) -> SyncStats:
         if self._manifest is None:
             raise RuntimeError("sync_weights before connect_engines")
+        self._syncs += 1
+        manifest = replace(self._manifest, version=self._syncs)
         timeout = self.cfg.learner.weight_sync_timeout_s
         if self.uses_ipc:
             tp = self.cfg.rollout.tensor_parallel_size
             # rank r shares a GPU with worker r % tp of engine r // tp; its first rank calls it
+            # (a LoRA adapter goes by value instead: WeightSender.push_adapter)
             futures = [a.push_weights_ipc.remote(
-                self._manifest, self._engines[r // tp] if r % tp == 0 else None, tp)
+                manifest, self._engines[r // tp] if r % tp == 0 else None, tp)
                 for r, a in enumerate(self.actors)]
-            deadline = timeout * (1 + len(self._manifest.buckets))
+            deadline = timeout * (1 + len(manifest.buckets))
             return wait_all(futures, self.labels, deadline, "weight sync (CUDA IPC)")[0]
-        futures = [a.broadcast_weights.remote(self._manifest) for a in self.actors]
-        futures += [e.receive_weights.remote(self._manifest) for e in self._engines]
+        futures = [a.broadcast_weights.remote(manifest) for a in self.actors]
+        futures += [e.receive_weights.remote(manifest) for e in self._engines]
         # Each bucket's broadcast times out on its own within `timeout` (naming the rank);
         # this outer deadline only catches a peer that hangs outside the group.
-        deadline = timeout * (1 + len(self._manifest.buckets))
+        deadline = timeout * (1 + len(manifest.buckets))
         results = wait_all(futures, self.labels + self._engine_labels, deadline, "weight sync")
         return results[0]

@@ -53,9 +53,18 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Where each tensor lives in the bucket stream; sent once, reused by every sync."""
+    """Where each tensor lives in the bucket stream; planned once, reused by every sync.
+
+    `adapter`: None for the whole model; for a LoRA policy the adapter's peft config as a
+    plain dict (`LoraConfig.to_dict()`), the tensors being only the adapter's, named as
+    `peft.get_peft_model_state_dict` names them. `version`: which sync this is (1, 2, ...;
+    0 before the first), stamped by the driver on each sync so that engines can keep several
+    adapter versions apart.
+    """
 
     buckets: tuple[Bucket, ...]
+    adapter: dict[str, Any] | None = None
+    version: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -71,7 +80,8 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and dicts: what msgspec (vLLM's collective_rpc) and JSON can carry."""
-        return {"buckets": [asdict(b) for b in self.buckets]}
+        return {"buckets": [asdict(b) for b in self.buckets], "adapter": self.adapter,
+                "version": self.version}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -82,7 +92,7 @@ class Manifest:
                 for t in b["tensors"]
             )
             buckets.append(Bucket(b["index"], b["nbytes"], specs))
-        return cls(tuple(buckets))
+        return cls(tuple(buckets), data.get("adapter"), int(data.get("version", 0)))
 
 
 def _aligned(n: int) -> int:

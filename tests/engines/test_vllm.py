@@ -254,7 +254,7 @@ class FakeLLM:
         self.kwargs, self.calls, self.sampling = kwargs, [], []
         self.worker = StandInWorker(self.model)
 
-    def generate(self, prompts, sampling, use_tqdm):
+    def generate(self, prompts, sampling, use_tqdm, lora_request=None):
         self.sampling = sampling
         return [Output([sample(j, [p["prompt_token_ids"][-1], EOS]) for j in range(sp.n)])
                 for p, sp in zip(prompts, sampling, strict=True)]

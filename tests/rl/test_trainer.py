@@ -224,6 +224,30 @@ def test_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
+def test_lora_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
+    """policy.lora: the adapter, its optimiser and the RNG its dropout draws from resume
+    exactly; each checkpoint's policy/ is the merged model, its adapter/ beside it."""
+    from safetensors.torch import load_file
+
+    from cpe_ray.run import checkpoints, train
+
+    base = [*SMALL, f"run.output_dir={tmp_path}", "policy.lora.rank=4",
+            "policy.lora.dropout=0.1", "learner.use_reference=true", "ppo.kl_coef=0.05"]
+    train(load_config(None, [*base, "run.name=straight", "trainer.max_steps=4"]), progress=False)
+    train(load_config(None, [*base, "run.name=resumed", "trainer.max_steps=2"]), progress=False)
+    resumed = train(load_config(None, [*base, "run.name=resumed", "trainer.max_steps=4",
+                                       "trainer.resume=auto"]), progress=False)
+    assert resumed["resumed_from"] == 2
+    a_ckpt, b_ckpt = checkpoints(tmp_path / "straight")[-1], checkpoints(tmp_path / "resumed")[-1]
+    for part in ("policy/model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(a_ckpt / part)), load_file(str(b_ckpt / part))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
+    assert any(".lora_B." in k and a[k].abs().max() > 0 for k in a)  # (the adapter) trained
+
+
 @pytest.mark.parametrize("override, expected", [
     ("data.train_path=nope.jsonl", "nope.jsonl"),
     ("ppo.kl_coeff=0.1", "did you mean 'ppo.kl_coef'"),

@@ -100,8 +100,11 @@ def test_plan_manifest_rejects_nonpositive_bucket_bytes(bucket_bytes: int) -> No
 def test_manifest_dict_and_json_round_trip() -> None:
     m = plan_manifest(_entries(_mixed()), bucket_bytes=128)
     d = m.to_dict()
-    assert list(d) == ["buckets"] and len(d["buckets"]) == 4
+    assert list(d) == ["buckets", "adapter", "version"] and len(d["buckets"]) == 4
+    assert d["adapter"] is None and d["version"] == 0
     assert Manifest.from_dict(d) == m
+    lora = Manifest(m.buckets, adapter={"r": 8, "target_modules": ["q_proj"]}, version=3)
+    assert Manifest.from_dict(json.loads(json.dumps(lora.to_dict()))) == lora
 
     def plain(x) -> bool:  # only what msgspec and JSON carry: no dataclasses, no torch
         if isinstance(x, dict):
@@ -110,7 +113,7 @@ def test_manifest_dict_and_json_round_trip() -> None:
             return all(plain(v) for v in x)
         return isinstance(x, str | int)
 
-    assert plain(d)
+    assert plain(d["buckets"]) and plain(d["version"])
     wire = json.loads(json.dumps(d))  # tuples come back as lists
     assert wire["buckets"][1] == {
         "index": 1, "nbytes": 64,
