@@ -155,3 +155,9 @@ def test_no_package_init_imports_a_heavy_backend() -> None:
         names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)]
         assert not [n for n in names if n.split(".")[0] in heavy], init
+
+
+def test_test_modules_have_unique_names() -> None:
+    """tests/ has no packages: two test files of one name make pytest stop at collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) > 50 and sorted({n for n in names if names.count(n) > 1}) == []
