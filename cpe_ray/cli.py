@@ -117,6 +117,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{summary['faults']['faults/seconds_lost']:.1f} s lost")
     if cfg.logging.wandb_mode != "disabled":
         print(f"  wandb         {run_dir}/wandb ({cfg.logging.wandb_mode})")
+    if summary["monitor"] is not None:
+        print(f"  {summary['monitor']} ({run_dir}/monitor_summary.json)")
     return 0
 
 
@@ -170,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_check)
 
     from cpe_ray.evaluation.cli import add_eval_commands
+    from cpe_ray.human.analysis_cli import add_human_commands
+    from cpe_ray.human.cli import add_rate_command
     from cpe_ray.stages.cli import add_stage_commands
 
     add_stage_commands(sub)
-    add_eval_commands(sub)
+    add_human_commands(sub, add_eval_commands(sub))
+    add_rate_command(sub)
     return parser
 
 

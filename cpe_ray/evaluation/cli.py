@@ -53,9 +53,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
     print(f"win rate {m['win_rate']:.1f} ± {m['standard_error']:.1f}, LC win rate "
           f"{m['lc_win_rate']:.1f} ± {m['lc_standard_error']:.1f} "
           f"({m['n_total']} judged, {m['n_unjudged']} unjudged)")
-    if not m["lc_identified"]:
-        print("warning: the LC win rate is not identified (length differences too one-sided); "
-              "see report.md")
+    print(results["lc_status"]["summary"])
     if m["n_unjudged"]:
         print(f"warning: {m['n_unjudged']} of {results['n_prompts']} answers could not be "
               "judged; results.json lists them with the reason")
@@ -95,8 +93,9 @@ def _common(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int
     p.set_defaults(func=func)
 
 
-def add_eval_commands(subparsers: Any) -> None:
-    """Register `cpe-ray eval ...` on the main parser's subparsers."""
+def add_eval_commands(subparsers: Any) -> Any:
+    """Register `cpe-ray eval ...` on the main parser's subparsers; return the `eval`
+    parser's subparsers, for commands registered elsewhere (`eval human`)."""
     ev = subparsers.add_parser("eval", help="evaluate: LC win rate, PersonaFeedback, PersonaMem")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -126,3 +125,4 @@ def add_eval_commands(subparsers: Any) -> None:
                    help="who answers: the policy or the eval.api endpoint")
     p.add_argument("--out", help="output folder (eval.output_dir)")
     _common(p, _cmd_personamem)
+    return sub
