@@ -58,6 +58,21 @@ def resolve_model_path(model_path: str) -> str:
     return model_path
 
 
+def context_length(model_path: str) -> int | None:
+    """The model's context window (`max_position_embeddings` in its config.json); None where
+    the path is not a local model folder or its config does not say."""
+    import json
+
+    try:
+        config = Path(resolve_model_path(model_path)) / "config.json"
+    except ConfigError:  # a missing folder is refused where the model loads, in its words
+        return None
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]

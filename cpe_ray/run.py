@@ -15,6 +15,8 @@ the run within seconds with one line; Ray's processes go with it.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from cpe_ray.data import load_prompts
 from cpe_ray.errors import (
     ConfigError,
     CpeError,
+    RunIOError,
+    describe_os_error,
     install_stop_handlers,
     quiet_stop_signals,
     stop_signals,
@@ -52,6 +56,7 @@ CHAT_TEMPLATE_ALLOWANCE = 128
 # Metrics that count prompts over rollout.max_prompt_length (warned about once a run)
 TRUNCATION_METRICS = ("rollout/questions_shortened", "rollout/prompts_cut_left",
                       "post_edit/truncated_prompts")
+MONITOR_SUMMARY = "monitor_summary.json"  # in the run directory, written at the end of a run
 
 
 def _load_records(cfg: Config) -> list:
@@ -199,7 +204,22 @@ class Loop:
         return {"run_dir": str(self.run_dir), "steps": total, "resumed_from": start,
                 "last": last, "checkpoint": str(newest) if newest else None,
                 "checkpoints": [str(p) for p in checkpoints(self.run_dir)],
-                "faults": self.supervisor.metrics()}
+                "faults": self.supervisor.metrics(), "monitor": self._sum_up_monitor()}
+
+    def _sum_up_monitor(self) -> str | None:
+        """The reward-hacking monitor's summary: `monitor_summary.json` (atomic) and one
+        line (None with monitor.enabled=false)."""
+        monitor = self.trainer.monitor
+        if monitor is None:
+            return None
+        path = self.run_dir / MONITOR_SUMMARY
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(monitor.summary(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise RunIOError(describe_os_error(exc, "writing", path)) from None
+        return monitor.summary_line()
 
     def _one(self, step: int, total: int) -> tuple[dict | None, int]:
         """Step `step` with its log and checkpoint: (its metrics, the next step); (None, the

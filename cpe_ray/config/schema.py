@@ -21,6 +21,7 @@ from cpe_ray.config.schema_rl import (
     GRM_API_CONCURRENCY,
     GRM_RETRY_TEMPERATURE,
     GRMConfig,
+    MonitorConfig,
     PostEditConfig,
     PPOConfig,
     RolloutConfig,
@@ -29,6 +30,8 @@ from cpe_ray.config.schema_rl import (
 from cpe_ray.config.schema_stages import (
     DistillConfig,
     EvalConfig,
+    MergeConfig,
+    MergeModelConfig,
     RMConfig,
     ServeConfig,
     SFTConfig,
@@ -57,6 +60,9 @@ __all__ = [
     "LoggingConfig",
     "LoraConfig",
     "MAX_RECORD_BYTES",
+    "MergeConfig",
+    "MergeModelConfig",
+    "MonitorConfig",
     "PPOConfig",
     "PolicyConfig",
     "PostEditConfig",
@@ -338,6 +344,8 @@ class Config(Frozen):
     """The training loop: steps, checkpoints, restarts."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Weights & Biases logging."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """The reward-hacking monitor of training runs: measures, thresholds, warnings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """`cpe-ray eval winrate | personafeedback | personamem`."""
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -346,6 +354,8 @@ class Config(Frozen):
     """`cpe-ray grm collect` and `cpe-ray grm train`: stage 2, the GRM distilled from a teacher."""
     rm: RMConfig = field(default_factory=RMConfig)
     """`cpe-ray rm train`: a Bradley-Terry reward model (the PPO-with-BT ablation)."""
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    """`cpe-ray merge`: models of one architecture merged into one (DARE-TIES, TIES, ...)."""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`cpe-ray serve-judge`: the configured judge behind an OpenAI-compatible endpoint."""
 

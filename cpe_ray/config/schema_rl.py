@@ -301,3 +301,26 @@ class PPOConfig(Frozen):
     release: 512 answers + 256 rewrites = 3 steps of 256 rows at ratio 0.5)."""
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     """Importance weights against the engines' log-probs: truncation, masking, veto."""
+
+
+@dataclass
+class MonitorConfig(Frozen):
+    """The reward-hacking monitor of every training run (cpe_ray/rl/monitor.py): metrics under
+    monitor/, a warning line when a measure stays over its threshold, a summary at the end."""
+
+    enabled: bool = True
+    """Measure each step's answers, warn and write monitor_summary.json; false: none of it."""
+    baseline_steps: int = _f(3, ge=1)
+    """The run's first steps whose mean answer length is the start that lengths compare to."""
+    patience: int = _f(2, ge=1)
+    """Steps in a row over a threshold before the warning (one warning per crossing)."""
+    max_reward_length_corr: float = _f(0.5, ge=-1, le=1)
+    """Pearson correlation of the answers' weighted reward with their token length, at most."""
+    max_length_ratio_to_start: float = _f(1.5, gt=0)
+    """Mean answer length over the baseline's (the run's first steps), at most."""
+    max_persona_term_share: float = _f(0.8, ge=0, le=1)
+    """Share of answers that repeat persona_terms_min or more persona terms, at most."""
+    max_names_user_share: float = _f(0.2, ge=0, le=1)
+    """Share of answers that call the user by a name the question does not hold, at most."""
+    persona_terms_min: int = _f(3, ge=1)
+    """Distinct persona terms (not in the question) that make an answer count as repeating."""

@@ -86,9 +86,15 @@ class EngineSpec:
     def for_eval_policy(cls, cfg: Config, model_path: str) -> EngineSpec:
         """The evaluated policy: the rollout's engine sized for evaluation prompts and
         answers, without sleep mode, its KV cache sized by default."""
+        from cpe_ray.models import context_length
+
         e = cfg.eval
+        # eval.max_prompt_tokens defaults to 4,096 (PersonaMem histories): a model with a
+        # 4,096-token window would be asked for more than it has, which vLLM refuses
+        window = context_length(model_path)
+        wanted = e.max_prompt_tokens + e.max_new_tokens
         return replace(cls.for_policy(cfg), model_path=model_path,
-                       max_model_len=e.max_prompt_tokens + e.max_new_tokens,
+                       max_model_len=wanted if window is None else min(wanted, window),
                        enable_sleep=False, kv_cache_memory_bytes=None)
 
     @classmethod

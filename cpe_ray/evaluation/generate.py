@@ -16,6 +16,7 @@ from pathlib import Path
 from cpe_ray.chat import apply_chat_template, build_policy_messages, load_policy_system_template
 from cpe_ray.config import Config
 from cpe_ray.engines.base import SamplingParams
+from cpe_ray.errors import ConfigError
 from cpe_ray.paths import resolve_path
 from cpe_ray.runs.layout import POLICY_DIR
 
@@ -51,7 +52,16 @@ class PolicyAnswerer:
         from cpe_ray.models import load_tokenizer
 
         self.cfg = cfg
-        self.engine = make_engine(EngineSpec.for_eval_policy(cfg, eval_model_path(cfg)))
+        spec = EngineSpec.for_eval_policy(cfg, eval_model_path(cfg))
+        # a prompt keeps its last tokens: eval.max_prompt_tokens, or less where the model's
+        # window leaves less beside eval.max_new_tokens
+        self.prompt_limit = cfg.eval.max_prompt_tokens if spec.max_model_len is None else min(
+            cfg.eval.max_prompt_tokens, spec.max_model_len - cfg.eval.max_new_tokens)
+        if self.prompt_limit < 1:
+            raise ConfigError(
+                f"eval.max_new_tokens={cfg.eval.max_new_tokens} leaves no room for a prompt in "
+                f"{spec.model_path}'s {spec.max_model_len}-token window; lower eval.max_new_tokens")
+        self.engine = make_engine(spec)
         self.tokenizer = load_tokenizer(self.engine.info().model_path,
                                         cfg.policy.trust_remote_code)
         self.system_template = load_policy_system_template(cfg.policy.system_template)
@@ -63,7 +73,7 @@ class PolicyAnswerer:
 
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:
         ids = apply_chat_template(self.tokenizer, messages)
-        limit = self.cfg.eval.max_prompt_tokens
+        limit = self.prompt_limit
         if len(ids) > limit:
             self.truncated += 1
             ids = ids[-limit:]

@@ -48,6 +48,9 @@ Deviations, all where alpaca_eval has no answer or a degenerate one:
 - Fewer judged rows than folds: n_splits = number of judged rows; a single judged row: no
   cross-validation, C = 100 (alpaca_eval's `n_splits=0` branch). Zero length spread (or one
   row): the tanh column is 0 (alpaca_eval would divide by zero).
+The result also carries what `lc_status.py` needs to say whether the LC win rate measured
+anything: the information matrix's condition number, the folds that chose C, and the shares
+of judged prompts whose model answer is longer / shorter than the baseline's.
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ class WinRateResult:
     length_scale: float  # sample sd of len(baseline) - len(model); 0 when undefined
     C: float  # the regularisation strength chosen by cross-validation
     extreme_change: bool
-    lc_identified: bool = True  # False: the data say nothing about equal lengths (see above)
+    lc_identified: bool  # False: the data say nothing about equal lengths (see above)
+    condition_number: float  # of the GLM's information matrix (NaN with too few rows)
+    cv_folds: int  # GroupKFold splits that chose C (0: no cross-validation)
+    model_longer_share: float  # judged prompts whose model answer is longer than the baseline's
+    model_shorter_share: float  # ... shorter (the rest have equal lengths)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,18 +144,23 @@ def _duplicated(x: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return np.vstack([x, x]), np.concatenate([np.ones(n), np.zeros(n)]), weights
 
 
+def _folds(n: int) -> int:
+    """Cross-validation folds for n judged rows; 0: no cross-validation."""
+    return min(N_SPLITS, n) if n >= 2 else 0
+
+
 def _choose_c(x: np.ndarray, p: np.ndarray) -> float:
     """LogisticRegressionCV's choice: best summed held-out soft-label log loss over folds."""
     from sklearn.model_selection import GroupKFold
 
     n = len(p)
-    if n < 2:
+    if not _folds(n):
         return C_WITHOUT_CV
     xd, yd, wd = _duplicated(x, p)
     groups = np.concatenate([np.arange(n), np.arange(n)])
     target = np.concatenate([p, p])  # y_true of logloss_continuous for both copies
     scores = np.zeros(len(CS))
-    for train, test in GroupKFold(n_splits=min(N_SPLITS, n)).split(xd, yd, groups):
+    for train, test in GroupKFold(n_splits=_folds(n)).split(xd, yd, groups):
         for k, c in enumerate(CS):
             coef = _fit(xd[train], yd[train], wd[train], c)
             pred = np.clip(_sigmoid(xd[test] @ coef), LOGLOSS_EPS, 1 - LOGLOSS_EPS)
@@ -157,22 +169,24 @@ def _choose_c(x: np.ndarray, p: np.ndarray) -> float:
     return CS[int(np.argmax(scores))]
 
 
-def _theta_variance(x: np.ndarray, p: np.ndarray, coef: np.ndarray) -> float:
-    """Sandwich (HC1) variance of theta, over the columns that are not all zero."""
+def _theta_variance(x: np.ndarray, p: np.ndarray, coef: np.ndarray) -> tuple[float, float]:
+    """Sandwich (HC1) variance of theta, over the columns that are not all zero, and the
+    condition number of the information matrix (NaN for both with too few rows)."""
     keep = np.any(x != 0, axis=0)
     keep[-1] = True  # theta's column of ones
     xk = x[:, keep]
     n, k = xk.shape
     if n <= k:
-        return math.nan
+        return math.nan, math.nan
     mu = _sigmoid(x @ coef)
     bread = (xk * (mu * (1 - mu))[:, None]).T @ xk
     scores = xk * (p - mu)[:, None]
     meat = scores.T @ scores * n / (n - k)
-    if not np.linalg.cond(bread) < MAX_CONDITION:  # columns (nearly) collinear: unidentified
-        return math.inf
+    cond = float(np.linalg.cond(bread))
+    if not cond < MAX_CONDITION:  # columns (nearly) collinear: unidentified
+        return math.inf, cond
     inv = np.linalg.inv(bread)
-    return float((inv @ meat @ inv)[-1, -1])
+    return float((inv @ meat @ inv)[-1, -1]), cond
 
 
 def _is_extreme(raw: float, lc: float) -> bool:
@@ -219,13 +233,13 @@ def lc_winrate(
     n, nan = len(p), math.nan
     if n == 0:
         return WinRateResult(nan, nan, nan, nan, nan, nan, 0, 0, 0, 0, int((~judged).sum()),
-                             nan, nan, scale, nan, False, False)
+                             nan, nan, scale, nan, False, False, nan, 0, nan, nan)
     c = _choose_c(x, p)
     coef = _fit(*_duplicated(x, p), c)
     at_zero = np.asarray(_sigmoid(np.column_stack([np.zeros(len(prefs)), np.ones(len(prefs))])
                                   @ coef))
     lc = float(at_zero.mean())
-    var_theta = _theta_variance(x, p, coef)
+    var_theta, cond = _theta_variance(x, p, coef)
     lc_se = math.inf if var_theta == math.inf else (
         float(lc * (1 - lc) * math.sqrt(var_theta)) if var_theta >= 0 else nan)
     identified = not lc_se > MAX_PROBABILITY_SE  # NaN (too few rows) is not a failure
@@ -251,4 +265,8 @@ def lc_winrate(
         C=c,
         extreme_change=_is_extreme(raw * PERCENT, lc * PERCENT),
         lc_identified=identified,
+        condition_number=cond,
+        cv_folds=_folds(n),
+        model_longer_share=float((delta[judged] < 0).mean()),
+        model_shorter_share=float((delta[judged] > 0).mean()),
     )

@@ -53,6 +53,9 @@ class PairVerdict:
     raw: str = ""
     error: str | None = None
     attempts: int = 1
+    # (A, B) rewards of a judge that scores each answer alone (None: unparsed), so that
+    # eval.score_answers reuses them instead of scoring every answer a second time
+    rewards: tuple[float | None, float | None] | None = None
 
 
 class PairwiseJudge(Protocol):

@@ -67,10 +67,13 @@ class ScorerPairwiseJudge:
         for i in range(len(requests)):
             a, b = scores[2 * i], scores[2 * i + 1]
             raw = f"A: {a.reward} ({a.detail}) | B: {b.reward} ({b.detail})"
+            rewards = (a.reward, b.reward)
             if a.reward is None or b.reward is None:
-                out.append(PairVerdict(None, raw, "the judge's output did not parse"))
+                out.append(PairVerdict(None, raw, "the judge's output did not parse",
+                                       rewards=rewards))
             else:
-                out.append(PairVerdict(compare_rewards(a.reward, b.reward), raw))
+                out.append(PairVerdict(compare_rewards(a.reward, b.reward), raw,
+                                       rewards=rewards))
         return out
 
 

@@ -5,8 +5,10 @@ build the judge, all before any model loads; generate the policy's answers (or r
 from `eval.answers_path`); judge each pair in both orders; fit the length-controlled GLM;
 write under `<eval.output_dir>/winrate/`:
 
-- `results.json`: win rates, standard errors, GLM coefficients, counts, position-bias
-  statistics, every unjudged item with its reason;
+- `results.json`: win rates, standard errors, GLM coefficients, the LC status
+  (`cpe_ray/evaluation/lc_status.py`: identified, degenerate or not identified, why, and the
+  prompts it would need), counts, position-bias statistics, every unjudged item with its
+  reason;
 - `judgements.jsonl`: per prompt, both answers, their lengths, each order's verdict and raw
   judge text, the averaged preference, and (with eval.score_answers) GRM rewards;
 - `model_outputs.json`, `reference_outputs.json`: alpaca_eval's format (`instruction`,
@@ -41,8 +43,13 @@ from cpe_ray.config import Config
 from cpe_ray.data import PromptRecord, load_prompts
 from cpe_ray.errors import ConfigError, DataError
 from cpe_ray.evaluation import report
+from cpe_ray.evaluation.lc_status import LCStatus, lc_status, status_line, status_markdown
 from cpe_ray.evaluation.lc_winrate import lc_winrate
-from cpe_ray.evaluation.pairwise import judge_against_baseline, position_stats
+from cpe_ray.evaluation.pairwise import (
+    ORDER_MODEL_FIRST,
+    judge_against_baseline,
+    position_stats,
+)
 from cpe_ray.judges.base import JudgeRequest
 from cpe_ray.paths import resolve_path
 
@@ -203,8 +210,13 @@ def run_winrate(cfg: Config, say: Callable[[str], None] = print) -> dict[str, An
                                                                   strict=True)], e.both_orders)
     m_len, b_len = [len(a) for a in answers], [len(b) for b in baseline]
     result = lc_winrate([c.preference for c in comparisons], m_len, b_len)
+    status = lc_status(result, e.lc_target_se)
     rewards = None
-    if scorer is not None:
+    if scorer is not None and isinstance(judge, ScorerPairwiseJudge):
+        # the judge scored every answer already (model as A): no second pass of the GRM
+        pairs = [c.verdicts[ORDER_MODEL_FIRST].rewards or (None, None) for c in comparisons]
+        rewards = {"model": [a for a, _ in pairs], "baseline": [b for _, b in pairs]}
+    elif scorer is not None:
         rewards = {"model": _rewards(scorer, prompts, answers),
                    "baseline": _rewards(scorer, prompts, baseline)}
 
@@ -238,7 +250,9 @@ def run_winrate(cfg: Config, say: Callable[[str], None] = print) -> dict[str, An
         "prompts_path": str(e.prompts_path), "n_prompts": len(prompts),
         "judge": judge.describe(), "orders": 2 if e.both_orders and not judge.order_free else 1,
         "order_free_judge": judge.order_free,
-        "metrics": result.as_dict(), "position": position_stats(comparisons),
+        "metrics": result.as_dict(),
+        "lc_status": {**status.as_dict(), "summary": status_line(status, result.lc_win_rate)},
+        "position": position_stats(comparisons),
         "mean_length": {"model": float(np.mean(m_len)), "baseline": float(np.mean(b_len))},
         "unjudged": unjudged,
     }
@@ -250,7 +264,7 @@ def run_winrate(cfg: Config, say: Callable[[str], None] = print) -> dict[str, An
     files.update(_plots(out, results, comparisons, m_len, b_len, rewards))
     files["report"] = out / "report.md"
     results["files"] = {k: str(v) for k, v in files.items()}
-    report.write_markdown(out / "report.md", _markdown(results))
+    report.write_markdown(out / "report.md", _markdown(results, status))
     report.write_json(out / "results.json", results)
     return results
 
@@ -280,7 +294,7 @@ def _plots(out: Path, results: dict[str, Any], comparisons: Sequence[Any], m_len
     return files
 
 
-def _markdown(results: dict[str, Any]) -> list[str]:
+def _markdown(results: dict[str, Any], status: LCStatus) -> list[str]:
     m, pos, f = results["metrics"], results["position"], results["files"]
     lines = [f"# Win rate: {results['model']} vs {results['baseline']}", "",
              f"Judge: {results['judge']}; orders judged per pair: {results['orders']}"
@@ -291,10 +305,7 @@ def _markdown(results: dict[str, Any]) -> list[str]:
         [["win rate", report.fmt(m["win_rate"]), report.fmt(m["standard_error"])],
          ["LC win rate", report.fmt(m["lc_win_rate"]), report.fmt(m["lc_standard_error"])],
          ["discrete win rate", report.fmt(m["discrete_win_rate"]), ""]])
-    if m["n_total"] and not m["lc_identified"]:
-        lines += ["", "**The LC win rate is not identified**: the length differences are too "
-                  "one-sided for the GLM to say what happens at equal length (its standard "
-                  "error is capped at 50)."]
+    lines += ["", *status_markdown(status, m["lc_win_rate"])]
     unjudged = f"; **{m['n_unjudged']} could not be judged**" if m["n_unjudged"] else ""
     lines += ["", f"Judged {m['n_total']} of {results['n_prompts']}: {m['n_wins']} wins, "
               f"{m['n_wins_base']} losses, {m['n_draws']} draws{unjudged}.",

@@ -16,6 +16,7 @@ from cpe_ray.algo.tensors import kl_estimate, masked_mean
 from cpe_ray.config import Config
 from cpe_ray.data import PromptRecord
 from cpe_ray.judges.base import JudgeError
+from cpe_ray.rl.monitor import Sample as MonitorSample
 from cpe_ray.rl.sampling import Answer, Samples
 from cpe_ray.weight_sync.group import SyncStats
 
@@ -223,8 +224,31 @@ def sample_records(step: int, batch: list[PromptRecord], s: Samples) -> list[dic
             "answer_reward": a.reward,
             "rewrite_reward": rw.reward if rw is not None else None,
             "kept": k in kept,
+            "answer_scores": _scores(a),
+            "answer_tokens": len(a.completion.token_ids),
+            "rewrite_scores": _scores(rw) if rw is not None else None,
+            "rewrite_tokens": len(rw.completion.token_ids) if rw is not None else None,
         })
     return out
+
+
+def _scores(a: Answer) -> dict[str, float | None] | None:
+    """Its GRM score per dimension (None: missing); None when unjudged (a scalar judge's are
+    empty)."""
+    return dict(a.judgement.judgement.scores) if a.judgement is not None else None
+
+
+def monitor_samples(batch: list[PromptRecord], s: Samples
+                    ) -> tuple[list[MonitorSample], list[MonitorSample]]:
+    """The step's answers and kept rewrites as the reward-hacking monitor reads them."""
+    def view(a: Answer, original: int | None = None) -> MonitorSample:
+        rec = batch[a.prompt]
+        scores = {d: v for d, v in (_scores(a) or {}).items() if v is not None}
+        return MonitorSample(a.completion.text, len(a.completion.token_ids), a.reward,
+                             scores, rec.persona, rec.question, original)
+
+    return ([view(a) for a in s.answers.items],
+            [view(s.rewrites.items[k], k) for k in s.kept])
 
 
 def step_summary(step: int, total: int, metrics: dict[str, float]) -> str:

@@ -8,6 +8,7 @@ trains). Plain PPO (post_edit.enabled=false) is the same step without 3.2-3.5.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +21,16 @@ from cpe_ray.config import Config
 from cpe_ray.data import PromptRecord, batch_order
 from cpe_ray.rl import compute
 from cpe_ray.rl.compute import StepResult
+from cpe_ray.rl.monitor import Monitor, MonitorState, step_measures
 from cpe_ray.rl.sampling import PhaseTimer, Rewrites, Sampler, Samples, derive_seed
+from cpe_ray.runs.layout import note
 from cpe_ray.runtime.judging import JudgeClient
 from cpe_ray.runtime.pipeline import Pending, gather
 from cpe_ray.runtime.remote import wait_all
 from cpe_ray.runtime.start import Runtime
 from cpe_ray.tracking import Tracker
+
+MONITOR_FILE = "monitor.json"  # in a checkpoint: the reward-hacking monitor's state
 
 
 class Trainer:
@@ -36,6 +41,7 @@ class Trainer:
         self.cfg, self.rt, self.records, self.tracker = cfg, runtime, records, tracker
         self.sampler = Sampler(cfg, runtime, judge)
         self.schedule = OneStepAhead(self) if cfg.trainer.off_policy_steps else None
+        self.monitor = Monitor(cfg.monitor) if cfg.monitor.enabled else None
         self.built = time.perf_counter()
         self.pad_id = wait_all([runtime.rollouts[0].pad_token_id.remote()],
                                runtime.rollout_labels[:1], cfg.learner.dist_timeout_s,
@@ -126,7 +132,11 @@ class Trainer:
         metrics |= compute.reward_metrics(cfg, s)
         metrics |= compute.prompt_fit_metrics(cfg, s)
         metrics |= {f"time/{k}": v for k, v in seconds.items()}
-        return StepResult(metrics, compute.sample_records(step, self.batch_for(step), s))
+        batch = self.batch_for(step)
+        if self.monitor is not None:
+            metrics |= step_measures(*compute.monitor_samples(batch, s), cfg.grm.dimensions,
+                                     cfg.monitor.persona_terms_min)
+        return StepResult(metrics, compute.sample_records(step, batch, s))
 
     def forward(self, exp: Experience) -> dict[str, Pending]:
         """Start the learner's per-token inputs to the update: old (and reference)
@@ -173,18 +183,33 @@ class Trainer:
         metrics["time/elapsed"] = time.perf_counter() - self.built
         if extra is not None:
             metrics.update(extra())
+        if self.monitor is not None:
+            against_start, warnings = self.monitor.observe(step, metrics)
+            metrics |= against_start
+            replay = self.tracker.next_step is not None and step < self.tracker.next_step
+            for line in warnings if not replay else ():  # a replay was warned about already
+                note(line)
         self.tracker.log(step, metrics)
         self.tracker.log_samples(step, result.records)
         return metrics
 
     # --- what a checkpoint carries besides the learner's state ---------------------------------
     def checkpoint_files(self) -> dict[str, bytes]:
-        return self.schedule.checkpoint_files() if self.schedule is not None else {}
+        files = self.schedule.checkpoint_files() if self.schedule is not None else {}
+        if self.monitor is not None:
+            files[MONITOR_FILE] = json.dumps(self.monitor.state.to_json()).encode()
+        return files
 
     def restore(self, checkpoint: Path | None) -> None:
-        """The controller's own state at `checkpoint` (None: the start of the run)."""
+        """The controller's own state at `checkpoint` (None: the start of the run). A
+        checkpoint from before the monitor restarts it: its baseline is then the steps after
+        the resume."""
         if self.schedule is not None:
             self.schedule.restore(checkpoint)
+        if self.monitor is not None:
+            path = checkpoint / MONITOR_FILE if checkpoint is not None else None
+            self.monitor.state = (MonitorState.from_json(json.loads(path.read_text()))
+                                  if path is not None and path.exists() else MonitorState())
 
 
 def _forward_fields(exp: Experience) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ from cpe_ray.errors import ConfigError
 from cpe_ray.paths import CONF_DIR
 
 SECTIONS = {"run", "cluster", "policy", "rollout", "grm", "post_edit", "ppo", "learner", "data",
-            "trainer", "logging", "eval", "sft", "distill", "rm", "serve"}
+            "trainer", "logging", "eval", "sft", "distill", "rm", "serve",
+            "monitor", "merge"}
 
 
 def test_defaults_are_the_cpu_run_and_match_default_yaml() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from cpe_ray.config import load_config
 from cpe_ray.engines.spec import EngineSpec
+from cpe_ray.models import resolve_model_path
 
 OVERRIDES = [
     "run.seed=7", "policy.model_path=/p", "policy.dtype=bfloat16", "rollout.backend=vllm",
@@ -51,3 +52,15 @@ def test_grm_spec_shares_the_policy_precision_and_batch_rows(cfg) -> None:
 def test_grm_spec_needs_a_model_path(cfg) -> None:
     with pytest.raises(ValueError, match="grm.model_path"):
         EngineSpec.for_grm(replace(cfg, grm=replace(cfg.grm, model_path=None)))
+
+
+def test_eval_policy_spec_stays_within_the_model_window() -> None:
+    # eval.max_prompt_tokens (4,096 by default) plus the answer would exceed the tiny model's
+    # 4,096-token window, which vLLM refuses; the spec keeps to the window and the prompt
+    # budget shrinks to what is left beside the answer
+    tiny_model_path = resolve_model_path("tiny")
+    cfg = load_config(None, ["eval.max_new_tokens=256"])
+    assert EngineSpec.for_eval_policy(cfg, tiny_model_path).max_model_len == 4096
+    small = load_config(None, ["eval.max_prompt_tokens=300", "eval.max_new_tokens=40"])
+    assert EngineSpec.for_eval_policy(small, tiny_model_path).max_model_len == 340
+    assert EngineSpec.for_eval_policy(cfg, "/no/such/model").max_model_len == 4096 + 256

@@ -222,6 +222,11 @@ def test_four_steps_equal_two_plus_resume_plus_two(tmp_path) -> None:
         torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+    # the checkpoint carried the reward-hacking monitor's baseline and streaks
+    assert (checkpoints(tmp_path / "resumed")[0] / "monitor.json").is_file()
+    summaries = [json.loads((tmp_path / name / "monitor_summary.json").read_text())
+                 for name in ("straight", "resumed")]
+    assert summaries[0] == summaries[1] and summaries[0]["baseline_steps"] == 3
 
 
 @pytest.mark.slow
