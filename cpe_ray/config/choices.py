@@ -70,6 +70,8 @@ LOGPROBS_MODES: tuple[str, ...] = ("processed", "raw")
 # How the persona enters the GRM's critique prompt (`grm.critique_persona_format`): as given,
 # or a JSON object re-written as a Python dict (the release's str(dict)).
 PERSONA_FORMATS: tuple[str, ...] = ("text", "python_dict")
+# `cpe-ray merge`'s methods (`merge.method`; their table: cpe_ray.stages.merge.MERGE_METHODS).
+MERGE_METHODS: tuple[str, ...] = ("dare_ties", "ties", "linear", "slerp")
 # Rollout correction of originals against the engines' log-probs (`ppo.rollout_correction`,
 # cpe_ray/algo/correction.py): none, truncated token weights (verl's rollout_is=token, slime's
 # --use-tis), sequence-level masked IS (slime's mask mode, verl's seq_sum_k1 rejection), or

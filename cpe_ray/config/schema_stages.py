@@ -1,5 +1,6 @@
 """The schema's sections of the other commands: `cpe-ray eval`, the supervised stages (`sft`,
-`grm collect` / `grm train`, `rm train`, their shared `StageTrainConfig`) and `serve-judge`.
+`grm collect` / `grm train`, `rm train`, their shared `StageTrainConfig`), `merge` and
+`serve-judge`.
 The docstring under each field is its help (`helptext.py`); `Config` in `schema.py` gathers
 these sections.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cpe_ray.config.choices import MERGE_METHODS
 from cpe_ray.config.schema_base import TINY_MODEL, ApiConfig, Frozen, _f
 
 
@@ -54,6 +56,8 @@ class EvalConfig(Frozen):
     """Re-asks of a sampled judge whose verdict did not parse."""
     both_orders: bool = True
     """Judge (model, baseline) and (baseline, model): no position bias."""
+    lc_target_se: float = _f(5.0, gt=0)
+    """The LC win rate's standard error (points) whose prompt count lc_status estimates."""
     score_answers: bool = True
     """The GRM reward of every evaluated answer, for reward-vs-length plots."""
     personafeedback_path: str = "data/demo/personafeedback"
@@ -117,6 +121,34 @@ class SFTConfig(StageTrainConfig):
 
 
 @dataclass
+class DistillFilterConfig(Frozen):
+    """`distill.filter`: rejection sampling of judgements (MiCoTA, arXiv 2507.01887).
+
+    Every judgement stays in `distill.output_path`, marked `kept` with a `reject_reason`;
+    `grm train` trains on the kept ones. Parsing is the first test (`distill.train_unparsed`
+    lifts it), then agreement with the reference, then the critique's length. With the
+    defaults every parsed judgement is kept (no reference, no bound).
+    """
+
+    max_critique_tokens: int | None = _f(None, ge=1)
+    """Tokens of the critique (distill.model_path's tokenizer) at most; null: no bound."""
+    reference_path: str | None = None
+    """What a judgement must agree with (see reference_kind); null: no agreement test."""
+    reference_kind: str = _f("judge", choices=("judge", "preference"))
+    """judge: judgements in grm collect's format; preference: chosen/rejected pairs.
+
+    judge: the record of the same (persona, question, answer) in reference_path (another
+    judge's collect output, people's judgements exported in that format), compared with
+    max_score_diff. preference: pairwise JSONL (or PersonaFeedback's `reject`); both answers
+    of a pair must be judged in this output, and the chosen one must get the higher
+    weighted reward (grm.weights)."""
+    max_score_diff: float = _f(1.0, ge=0)
+    """reference_kind=judge: largest |difference| to the reference that still agrees."""
+    score_diff_on: str = _f("reward", choices=("reward", "dimensions"))
+    """reference_kind=judge: compare the weighted reward, or every dimension on its own."""
+
+
+@dataclass
 class DistillConfig(StageTrainConfig):
     """`cpe-ray grm collect` (a teacher judges triples) and `grm train` (stage 2: GRM SFT)."""
 
@@ -141,6 +173,8 @@ class DistillConfig(StageTrainConfig):
     """Also train on teacher outputs parse_judgement rejects."""
     eval_backend: str = _f("hf", choices=("hf", "vllm"))
     """Engine that generates the student's outputs for the parse-share check: hf or vllm."""
+    filter: DistillFilterConfig = field(default_factory=DistillFilterConfig)
+    """Which judgements grm train trains on: parsed, agreeing with a reference, short enough."""
 
 
 @dataclass
@@ -153,6 +187,48 @@ class RMConfig(StageTrainConfig):
     """Pairwise JSONL (chosen / rejected), or a PersonaFeedback root."""
     model_path: str | None = None
     """The reward model's starting model; null: policy.model_path, with a new scalar head."""
+
+
+@dataclass
+class MergeModelConfig(Frozen):
+    """One entry of `merge.models`: a model and its share of the merge."""
+
+    path: str
+    """The model: an alias (tiny, smollm2-135m), an HF folder, or a checkpoint holding policy/."""
+    weight: float = 1.0
+    """Its weight: linear: in the weighted average; ties, dare_ties: its task vector's."""
+    density: float = 1.0
+    """ties, dare_ties: share of its task vector kept (TIES: the largest, DARE: at random)."""
+
+
+@dataclass
+class MergeConfig(Frozen):
+    """`cpe-ray merge`: models of one architecture merged into one HF folder (mergekit)."""
+
+    method: str = _f("dare_ties", choices=MERGE_METHODS)
+    """dare_ties, ties, linear or slerp (docs/stages.md).
+
+    ties and dare_ties add to base_model the models' task vectors (model - base), trimmed to
+    `density` and kept where their signs agree; linear averages the models; slerp interpolates
+    two along the sphere."""
+    models: list[MergeModelConfig] = _f([])
+    """The merged models, each {path, weight, density}; slerp: exactly two."""
+    base_model: str | None = None
+    """ties, dare_ties: the model the task vectors start from (required, not in models).
+
+    slerp: the end at t=0, one of the two models (null: the first); linear: unused."""
+    t: float = _f(0.5, ge=0, le=1)
+    """slerp: where between base_model (0) and the other model (1)."""
+    normalize: bool = True
+    """linear, ties, dare_ties: divide by the sum of the weights (TIES: of those that agree)."""
+    seed: int | None = _f(None, ge=0)
+    """Seed of dare_ties' random drops; null: run.seed."""
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
+    """Precision of the merge's arithmetic and of the merged weights."""
+    name: str = "merged-tiny"
+    """The merged model's folder: run.output_dir/<name>."""
+    overwrite: bool = False
+    """Replace an existing run.output_dir/<name>; without it such a folder is refused."""
 
 
 @dataclass

@@ -4,6 +4,7 @@
   evaluation, checkpoints, `summary.json`); `data.py`: conversations and pairs tokenized
   with labels on assistant tokens, seeded held-out splits.
 - `sft.py` (`cpe-ray sft`), `distill.py` (`cpe-ray grm collect`), `grm_train.py`
-  (`cpe-ray grm train`), `rm.py` (`cpe-ray rm train`, the Bradley-Terry model).
+  (`cpe-ray grm train`), `rm.py` (`cpe-ray rm train`, the Bradley-Terry model), `merge.py`
+  (`cpe-ray merge`: DARE-TIES, TIES, linear, SLERP on mergekit).
 - `cli.py`: those commands' argument parsing.
 """

@@ -1,4 +1,5 @@
-"""`cpe-ray sft`, `cpe-ray grm collect | train`, `cpe-ray rm train`: the paper's first stages.
+"""`cpe-ray sft`, `cpe-ray grm collect | train`, `cpe-ray rm train`: the paper's first stages,
+and `cpe-ray merge`.
 
 Each takes `--config FILE` and `key=value` overrides like `cpe-ray train`, checks every input
 (config, data files, records, models, the endpoint's key variable) before any actor starts,
@@ -89,6 +90,16 @@ def _cmd_rm_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from cpe_ray.stages.merge import MERGE_INFO, run_merge
+
+    r = run_merge(_config(args))
+    print(f"done: {r.method} merge (seed {r.seed}) in {r.seconds:.1f}s")
+    print(f"  model         {r.path} (an HF model folder; {MERGE_INFO} says what was merged)")
+    print(f"  next          cpe-ray train policy.model_path={r.path}")
+    return 0
+
+
 def _add(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
          ) -> None:
     p = sub.add_parser(name, help=help_text)
@@ -98,7 +109,7 @@ def _add(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace
 
 
 def add_stage_commands(subparsers: Any) -> None:
-    """Register `sft`, `grm` and `rm` on the main parser's subparsers."""
+    """Register `sft`, `grm`, `rm` and `merge` on the main parser's subparsers."""
     _add(subparsers, "sft", "stage 1: supervised fine-tuning of the policy (loss on "
          "assistant turns)", _cmd_sft)
     grm = subparsers.add_parser("grm", help="stage 2: distil the GRM from a teacher")
@@ -109,3 +120,5 @@ def add_stage_commands(subparsers: Any) -> None:
     rm = subparsers.add_parser("rm", help="the Bradley-Terry reward model (a baseline)")
     sub = rm.add_subparsers(dest="rm_command", required=True)
     _add(sub, "train", "train a scalar reward model on chosen/rejected pairs", _cmd_rm_train)
+    _add(subparsers, "merge", "merge models of one architecture (DARE-TIES, TIES, linear, "
+         "SLERP) into one", _cmd_merge)

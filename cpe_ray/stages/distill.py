@@ -12,6 +12,10 @@ model); a rerun skips the keys already in the output, so no record is written tw
 again for those that failed. A crash mid-write leaves at most one truncated last line, which
 the rerun cuts off (its triple is asked again). The key is read from the variable
 `distill.api.api_key_env` names and never written anywhere.
+
+At the end every record in the output is marked by `distill.filter` (rejection sampling:
+`kept`, `reject_reason`, `critique_tokens`; cpe_ray/stages/distill_filter.py), the file
+replaced in one rename; the raw outputs stay, kept or not.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 
 from cpe_ray.config import Config
 from cpe_ray.data import JudgeInput, load_judge_inputs
-from cpe_ray.errors import DataError
 from cpe_ray.judges.grm import build_grm_messages, load_grm_template, parse_judgement
 from cpe_ray.paths import resolve_path
+from cpe_ray.stages.distill_filter import FilterReport, JudgementFilter, mark_file
+from cpe_ray.stages.judgements import read_records
 
 KEY_CHARS = 24  # hex digits of sha256 kept: collisions are out of reach at any data size
 JSONL_SUFFIX = ".jsonl"
@@ -49,34 +54,6 @@ def failures_path(cfg: Config) -> Path:
     return out.with_name(out.name.removesuffix(JSONL_SUFFIX) + ".failures" + JSONL_SUFFIX)
 
 
-def read_records(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """The JSON lines of an appended-to file; a truncated last line (a crash mid-write) is
-    cut off the file when `repair`, and skipped either way. Any other bad line is an error."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        complete = data.rfind(b"\n") + 1
-        if repair:
-            with path.open("r+b") as f:
-                f.truncate(complete)
-        data = data[:complete]
-    records = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}:{lineno}: not a JSON line ({exc}); this file is appended "
-                            "to by grm collect: fix or remove that line") from None
-        if not isinstance(value, dict) or "key" not in value:
-            raise DataError(f"{path}:{lineno}: not a grm collect record (no 'key'); point "
-                            "distill.output_path at a file of its own")
-        records.append(value)
-    return records
-
-
 @dataclass
 class CollectSummary:
     inputs: int  # distinct (persona, question, answer) triples in the input file
@@ -87,6 +64,7 @@ class CollectSummary:
     output: str
     failures: str
     seconds: float
+    filter: FilterReport  # over every record in the output, this run's and earlier ones
 
 
 def _record(item: JudgeInput, key: str, teacher: str, text: str, attempts: int,
@@ -115,6 +93,7 @@ def collect(cfg: Config, say: Callable[[str], None] = print) -> CollectSummary:
     spec = EndpointSpec.from_config(d.api, "distill.api")
     inputs = load_judge_inputs(resolve_path(d.input_path), cfg.data.on_bad_record).records
     template = load_grm_template(cfg.grm.template, cfg.grm.template_placeholders)
+    jfilter = JudgementFilter(cfg)  # its reference and tokenizer load before anything is sent
     out, fail = Path(d.output_path).expanduser(), failures_path(cfg)
     done = {r["key"] for r in read_records(out)}
     read_records(fail)  # only to cut a truncated last line before appending
@@ -156,5 +135,7 @@ def collect(cfg: Config, say: Callable[[str], None] = print) -> CollectSummary:
     finally:
         client.close()
     pool.shutdown()
+    marks = mark_file(out, jfilter)
+    say(f"grm collect: {marks.line()}")
     return CollectSummary(distinct, distinct - len(todo), collected, unparsed, failed,
-                          str(out), str(fail), time.perf_counter() - start)
+                          str(out), str(fail), time.perf_counter() - start, marks)

@@ -3,8 +3,10 @@
 The judgements `grm collect` wrote (`distill.output_path`) become conversations: the GRM's
 prompt (`grm.template` with persona, question and answer; one user turn, exactly what the GRM
 sees when judging) and the teacher's output as the assistant turn, the loss on that output
-only. Outputs that did not parse are left out unless `distill.train_unparsed`. A seeded hash
-of each record's key holds out `distill.eval_fraction` of the prompts. After training, the
+only, on the judgements `distill.filter` keeps (computed again here with this run's settings:
+parsed unless `distill.train_unparsed`, agreeing with the reference, a short enough critique;
+cpe_ray/stages/distill_filter.py); its counts go to `summary.json` (`data.filter`). A seeded
+hash of each record's key holds out `distill.eval_fraction` of the prompts. After training, the
 exported GRM (`checkpoints/step-N/grm/`, usable as `grm.model_path`) judges the held-out
 prompts once each (score mode: `grm.score_temperature`, `grm.max_new_tokens`, no retries)
 on an engine of `distill.eval_backend` in a Ray actor, and the share of its outputs that
@@ -24,7 +26,8 @@ from cpe_ray.judges.grm import build_grm_messages, load_grm_template
 from cpe_ray.models import load_tokenizer, resolve_model_path
 from cpe_ray.runs.ownership import run_dir_for
 from cpe_ray.stages.data import heldout_split, tokenize_conversation
-from cpe_ray.stages.distill import read_records
+from cpe_ray.stages.distill_filter import JudgementFilter, filter_line, report
+from cpe_ray.stages.judgements import read_records
 from cpe_ray.stages.loop import StageJob, StageResult, run_stage
 
 GRM_DIR = "grm"
@@ -56,12 +59,13 @@ def prepare_grm(cfg: Config) -> tuple[StageJob, list[dict[str, Any]]]:
     template = load_grm_template(cfg.grm.template, cfg.grm.template_placeholders)
     train_idx, held_idx = heldout_split([r["key"] for r in records], d.eval_fraction,
                                         cfg.run.seed)
+    verdicts = JudgementFilter(cfg, tokenizer).verdicts(records)
 
     def tokens(indices: list[int]):
         out = []
         for i in indices:
             r = records[i]
-            if not (r["parsed"] or d.train_unparsed):
+            if not verdicts[i].kept:
                 continue
             messages = [*build_grm_messages(template, r["persona"], r["question"], r["answer"]),
                         {"role": "assistant", "content": r["output"]}]
@@ -74,8 +78,8 @@ def prepare_grm(cfg: Config) -> tuple[StageJob, list[dict[str, Any]]]:
     train, held = tokens(train_idx), tokens(held_idx)
     data = {"path": str(Path(d.output_path).expanduser()), "judgements": len(records),
             "teacher_unparsed": sum(not r["parsed"] for r in records),
-            "dropped_too_long": sum(bool(r["parsed"] or d.train_unparsed) for r in records)
-            - len(train) - len(held)}
+            "dropped_too_long": sum(v.kept for v in verdicts) - len(train) - len(held),
+            "filter": report(verdicts).as_dict()}
     job = StageJob("distill", d, "sft", model_path, GRM_DIR, train, held, data)
     return job, [records[i] for i in held_idx]
 
@@ -116,5 +120,7 @@ def parse_share(cfg: Config, model_dir: Path, heldout: list[dict[str, Any]]) -> 
 
 def run_grm_train(cfg: Config, progress: bool = True) -> StageResult:
     job, heldout = prepare_grm(cfg)
+    if progress:
+        print(f"grm train: {filter_line(job.data['filter'])}", flush=True)
     return run_stage(cfg, job, after=lambda model_dir: parse_share(cfg, model_dir, heldout),
                      progress=progress)
