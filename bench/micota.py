@@ -12,14 +12,14 @@ training triples (S) pair data/demo/train.jsonl questions with answers from
 data/demo/pairwise.jsonl (same persona where one exists), so no model has seen them.
 1. `grm collect` from the teacher on A, S and E (kept: parsed, critique <= --teacher-tokens).
 2. The assistant: `grm train` on the teacher's kept judgements of A.
-3. The assistant served (`serve-judge grm.backend=hf`, no retries) judges S by `grm collect`,
+3. The assistant served (`serve-judge grm.backend=vllm`, no retries) judges S by `grm collect`,
    kept when it parses, agrees with the teacher's judgement of the same triple (weighted
    reward within --max-diff) and its critique is <= --assistant-tokens (mid-length).
 4. Two students, the same number of training examples (steps x batch): direct (on the
    teacher's kept judgements of S) and assistant route (on the assistant's kept ones).
 5. Each GRM served judges E: parse share, Spearman of its weighted reward with the teacher's,
    critique tokens; standard errors by bootstrap over E's triples.
-6. Each student as the GRM of `cpe-ray train` (grm.backend=hf) for --cpe-steps steps: the
+6. Each student as the GRM of `cpe-ray train` (grm.backend=vllm) for --cpe-steps steps: the
    GRM's seconds a step (time/critique + time/score in metrics.jsonl), SE over steps.
 """
 
@@ -43,6 +43,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "smollm2-cpu.yaml"
 RESULTS = REPO / "bench" / "results" / "micota"
+# Every SmolLM2 GRM (assistant, students) generates on vLLM's CPU build: several times the HF
+# engine's speed here. Its KV cache holds one float32 sequence of SmolLM2's 8,192 tokens
+# (0.35 GiB; vLLM refuses to start with the CPU default of 256 MiB).
+GRM_ENGINE = ("grm.backend=vllm", f"grm.kv_cache_memory_bytes={512 * 1024**2}")
 KEY_ENV = "CPE_RAY_BENCH_JUDGE_KEY"
 BATCH = 4  # distill.batch_size of every GRM trained here (the config's)
 TEST_TRIPLES = 16
@@ -88,6 +92,8 @@ class Runner:
                                 stderr=(self.logs / f"serve-{name}.log").open("w"))
         assert proc.stdout is not None
         line = proc.stdout.readline()
+        while line and not line.startswith("serving"):  # vLLM logs to stdout before it
+            line = proc.stdout.readline()
         if not line.startswith("serving"):
             raise SystemExit(f"serve-judge {name} did not start: {line!r}; see {self.logs}")
         url = line.rsplit(" ", 1)[-1].strip()
@@ -133,8 +139,11 @@ def write_triples(work: Path, seed: int) -> dict[str, Path]:
 
 def collect(r: Runner, phase: str, api: list[str], triples: Path, out: Path,
             filt: list[str]) -> list[dict[str, Any]]:
-    r.run(phase, ["grm", "collect"], [f"distill.input_path={triples}",
-                                      f"distill.output_path={out}", *api, *filt])
+    """`grm collect` of `triples` into `out`, skipped when `out` holds them all (collect
+    marks its filter verdicts when it ends, so a complete file is a finished one)."""
+    if not out.is_file() or len(read_jsonl(out)) < len(read_jsonl(triples)):
+        r.run(phase, ["grm", "collect"], [f"distill.input_path={triples}",
+                                          f"distill.output_path={out}", *api, *filt])
     return read_jsonl(out)
 
 
@@ -152,11 +161,9 @@ def grm_train(r: Runner, name: str, judgements: Path, steps: int, filt: list[str
 def served_collect(r: Runner, name: str, model: str, triples: Path, out: Path,
                    filt: list[str]) -> list[dict[str, Any]]:
     """The GRM at `model` served, no retries, judges `triples` (skipped when all are in)."""
-    want = len(read_jsonl(triples))
-    if out.is_file() and len(read_jsonl(out)) >= want:
+    if out.is_file() and len(read_jsonl(out)) >= len(read_jsonl(triples)):
         return read_jsonl(out)
-    proc, api = r.serve(name, ["grm.backend=hf", f"grm.model_path={model}",
-                               "grm.max_retries=0"])
+    proc, api = r.serve(name, [*GRM_ENGINE, f"grm.model_path={model}", "grm.max_retries=0"])
     try:
         return collect(r, f"collect-{name}", api, triples, out, filt)
     finally:
@@ -217,7 +224,7 @@ def cpe_steps(r: Runner, name: str, grm_model: str, steps: int) -> dict[str, Any
     run = r.work / f"cpe-{name}"
     if not (run / "checkpoints" / f"step-{steps}").is_dir():
         r.run(f"cpe-{name}", ["train"], [
-            f"run.name=cpe-{name}", "grm.backend=hf", f"grm.model_path={grm_model}",
+            f"run.name=cpe-{name}", *GRM_ENGINE, f"grm.model_path={grm_model}",
             f"trainer.max_steps={steps}", "trainer.resume=auto", "cluster.cpus_per_bundle=0.5"])
     rows = read_jsonl(run / "metrics.jsonl")[-steps:]
     grm = [m.get("time/critique", 0.0) + m.get("time/score", 0.0) for m in rows]

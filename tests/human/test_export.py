@@ -98,3 +98,22 @@ def test_scores_missing_a_dimension_are_left_out() -> None:
     assert grm_output("x", {"helpfulness": 2.0, "naturalness": -1.0},
                       ("helpfulness", "naturalness")).endswith(
         "<scores>\nHelpfulness: 2\nNaturalness: -1\n</scores>")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_the_stages_train_on_the_exported_files(exported, tmp_path, capsys) -> None:
+    """One step of `cpe-ray grm train` and of `cpe-ray sft` (tiny model) on the files."""
+    from cpe_ray.cli import main
+
+    out, _ = exported
+    base = [f"run.output_dir={tmp_path}", "logging.wandb_mode=disabled"]
+    assert main(["grm", "train", *base, f"distill.output_path={out / GRM_FILE}",
+                 "distill.max_steps=1", "distill.eval_fraction=0"]) == 0
+    assert main(["sft", *base, f"sft.data_path={out / SFT_FILE}", "sft.max_steps=1",
+                 "sft.eval_fraction=0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done: 1 steps (resumed from step 0)") == 2
+    for run in ("grm-tiny", "sft-tiny"):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0] and rows[0]["train/loss"] > 0
