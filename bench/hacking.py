@@ -79,7 +79,7 @@ def winrate(b: rm.Bench, name: str, model: str, baseline: str) -> dict[str, Any]
     return {"model": name, "baseline": r["baseline"], "n": r["n_prompts"],
             "win_rate": m["win_rate"], "win_rate_se": m["standard_error"],
             "lc_win_rate": m["lc_win_rate"], "lc_win_rate_se": m["lc_standard_error"],
-            "lc_identified": m["lc_identified"], "lc_status": m.get("lc_status"),
+            "lc_identified": m["lc_identified"], "lc_status": r.get("lc_status"),
             "theta": m["theta"], "C": m["C"], "wins": m["n_wins"], "losses": m["n_wins_base"],
             "draws": m["n_draws"], "length": r["mean_length"]["model"],
             "baseline_length": r["mean_length"]["baseline"],

@@ -135,7 +135,7 @@ def markdown(r: dict[str, Any]) -> str:
                  f"{_pm(sft['rubric_reward'])} | - |")
     for a in r["arms"]:
         e, p = by[a["arm"]], r["profiles"][a["arm"]]
-        status = (e.get("lc_status") or {}).get("status", "n/a")
+        status = (e.get("lc_status") or {}).get("status", "n/a").replace("_", " ")
         lines.append(
             f"| {a['label']} | {a['judge']} | {a['steps']} | "
             f"{a['trained_samples_per_step'] * a['steps']:.0f} | {e['win_rate']:.1f} +- "
